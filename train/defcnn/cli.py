@@ -1,0 +1,163 @@
+"""The `defcnn` command: one entry point, a subcommand per pipeline stage.
+
+Subcommands import their stage lazily, so `defcnn --help` is fast and a stage's heavy
+dependencies load only when it runs. Errors raised on purpose (`DefcnnError`) become a
+one-line message and an exit code: 2 for bad settings, 1 for bad data or checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from defcnn.errors import ConfigError, DefcnnError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _keep_prob(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"keep probability must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    from defcnn.data import DATASETS
+
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits")
+    p.add_argument(
+        "--data-dir", help="cifar10: folder of the python batches; imagefolder: tree or .tar(.gz)"
+    )
+    p.add_argument("--image-size", type=int, help="resize images to this side (default: native)")
+    p.add_argument(
+        "--download", action="store_true", help="cifar10: fetch from the official source"
+    )
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    from defcnn.models import list_models
+    from defcnn.training import SCHEDULES
+
+    p = sub.add_parser("train", help="train a standard or defective CNN")
+    p.add_argument("--arch", choices=list_models(), default="resnet18")
+    p.add_argument("--width", type=_positive_float, default=1.0, help="channel multiplier")
+    p.add_argument("--defective", action="store_true", help="insert defective masks")
+    p.add_argument("--keep-prob", type=_keep_prob, default=0.1, help="default: 0.1 (paper)")
+    p.add_argument("--stages", nargs="+", help="defective stages (default: the paper's)")
+    p.add_argument("--shared-mask", action="store_true", help="one spatial mask per layer")
+    p.add_argument("--mask-seed", type=int, help="seed of the masks (default: --seed)")
+    _add_data_args(p)
+    p.add_argument("--epochs", type=int, default=350)
+    p.add_argument("--batch-size", type=int, help="default: 128 (paper); digits: 32")
+    p.add_argument("--lr", type=_positive_float, help="default: 0.1 x batch / 128")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--schedule", choices=SCHEDULES, help="default: paper for >= 100 epochs, else fast"
+    )
+    p.add_argument("--crop-pad", type=int, help="random-crop padding (default 4; digits: 2)")
+    p.add_argument("--no-flip", action="store_true", help="no flips (digits never flip)")
+    p.add_argument("--seed", type=int, default=0, help="fixes masks, init and data order")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--checkpoint-seconds", type=_positive_float, default=300.0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from defcnn.training import TrainConfig, train
+
+    schedule = args.schedule or ("paper" if args.epochs >= 100 else "fast")
+    cfg = TrainConfig(
+        arch=args.arch, width=args.width, defective=args.defective, keep_prob=args.keep_prob,
+        stages=tuple(args.stages) if args.stages else None, shared_mask=args.shared_mask,
+        mask_seed=args.mask_seed, dataset=args.dataset, data_dir=args.data_dir,
+        image_size=args.image_size, download=args.download, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, schedule=schedule, crop_pad=args.crop_pad,
+        flip=False if args.no_flip else None, seed=args.seed, device=args.device,
+        amp=not args.no_amp, out=args.out, checkpoint_seconds=args.checkpoint_seconds,
+    )  # fmt: skip
+    metrics = train(cfg, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(metrics, indent=2))
+    return EXIT_OK
+
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a data set's test split")
+    p.add_argument("checkpoint")
+    _add_data_args(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from defcnn.checkpoint import load_model
+    from defcnn.data import load_dataset
+    from defcnn.training import evaluate
+    from defcnn.training.distributed import pick_device
+
+    device = pick_device(args.device)
+    model, ckpt = load_model(args.checkpoint, device)
+    data = load_dataset(
+        args.dataset, args.data_dir, image_size=args.image_size or ckpt.spec.resolved_input_size,
+        download=args.download,
+    )  # fmt: skip
+    if ckpt.classes and list(data.classes) != ckpt.classes:
+        raise ConfigError(
+            f"the checkpoint's classes {ckpt.classes} differ from the data set's "
+            f"{list(data.classes)}"
+        )
+    scores = evaluate(model, data.test_x, data.test_y, batch_size=args.batch_size, device=device)
+    print(json.dumps({"checkpoint": args.checkpoint, "dataset": data.source, **scores}, indent=2))
+    return EXIT_OK
+
+
+_PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _train_parser,
+    _evaluate_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="defcnn", description="Train, export, serve and attack defective CNNs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (also used by the console script)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"defcnn {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DefcnnError as exc:
+        print(f"defcnn {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"defcnn {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
