@@ -74,7 +74,7 @@ def test_truncated_and_foreign_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_weights_that_do_not_match_the_spec_are_refused(tmp_path: Path) -> None:
-    path, model, _ = _saved(tmp_path)
+    _, model, _ = _saved(tmp_path)
     wrong = ModelSpec(arch="resnet18", width=0.125)  # standard: no mask buffers
     save_checkpoint(tmp_path / "w.safetensors", model, wrong, {})
     with pytest.raises(CheckpointError, match="do not match"):

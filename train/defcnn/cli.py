@@ -73,6 +73,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--checkpoint-seconds", type=_positive_float, default=300.0)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
@@ -90,6 +91,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, schedule=schedule, crop_pad=args.crop_pad,
         flip=False if args.no_flip else None, seed=args.seed, device=args.device,
         amp=not args.no_amp, out=args.out, checkpoint_seconds=args.checkpoint_seconds,
+        max_steps=args.max_steps,
     )  # fmt: skip
     metrics = train(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps(metrics, indent=2))

@@ -1,0 +1,36 @@
+"""Repository invariants: CI runs the README's test command; the namespace layout holds."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_opens_with_two_setup_commands_and_ci_runs_the_second() -> None:
+    commands = _readme_commands()
+    assert len(commands) == 2
+    assert commands[0].startswith("pip install -e . && defcnn train")
+    assert "--dataset digits" in commands[0]
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_command = commands[1].replace("pip install", "python3 -m pip install")
+    assert test_command in ci
+    assert "ruff check" in test_command and "pytest" in test_command
+
+
+def test_defcnn_is_a_namespace_package_rooted_in_the_source_folders() -> None:
+    import defcnn
+
+    assert getattr(defcnn, "__file__", None) is None  # PEP 420: no __init__.py
+    roots = {Path(p).resolve().parent.name for p in defcnn.__path__}
+    assert "train" in roots
+    assert not list(ROOT.glob("*/defcnn/__init__.py"))
+    for name in ("layers", "models", "data", "training", "checkpoint", "cli"):
+        importlib.import_module(f"defcnn.{name}")
