@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,3 +36,17 @@ def test_defcnn_is_a_namespace_package_rooted_in_the_source_folders() -> None:
     assert not list(ROOT.glob("*/defcnn/__init__.py"))
     for name in ("layers", "models", "data", "training", "checkpoint", "cli"):
         importlib.import_module(f"defcnn.{name}")
+
+
+def test_cli_parser_builds_without_torch_and_names_match_the_registries() -> None:
+    code = (
+        "import sys; from defcnn.cli import build_parser; build_parser(); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from defcnn.data.registry import DATASETS as loader_names
+    from defcnn.models.registry import ARCHS
+    from defcnn.names import ARCH_NAMES, DATASETS
+
+    assert set(ARCHS) == set(ARCH_NAMES)
+    assert loader_names == DATASETS

@@ -1,8 +1,9 @@
 """The `defcnn` command: one entry point, a subcommand per pipeline stage.
 
 Subcommands import their stage lazily, so `defcnn --help` is fast and a stage's heavy
-dependencies load only when it runs. Errors raised on purpose (`DefcnnError`) become a
-one-line message and an exit code: 2 for bad settings, 1 for bad data or checkpoints.
+dependencies (torch above all) load only when it runs. Errors raised on purpose
+(`DefcnnError`) become a one-line message and an exit code: 2 for bad settings, 1 for bad
+data or checkpoints.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from defcnn.errors import ConfigError, DefcnnError
+from defcnn.names import ARCH_NAMES, DATASETS, SCHEDULES
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -32,8 +34,6 @@ def _positive_float(text: str) -> float:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    from defcnn.data import DATASETS
-
     p.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits")
     p.add_argument(
         "--data-dir", help="cifar10: folder of the python batches; imagefolder: tree or .tar(.gz)"
@@ -45,11 +45,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
-    from defcnn.models import list_models
-    from defcnn.training import SCHEDULES
-
     p = sub.add_parser("train", help="train a standard or defective CNN")
-    p.add_argument("--arch", choices=list_models(), default="resnet18")
+    p.add_argument("--arch", choices=ARCH_NAMES, default="resnet18")
     p.add_argument("--width", type=_positive_float, default=1.0, help="channel multiplier")
     p.add_argument("--defective", action="store_true", help="insert defective masks")
     p.add_argument("--keep-prob", type=_keep_prob, default=0.1, help="default: 0.1 (paper)")

@@ -10,8 +10,8 @@ from defcnn.data.dataset import ImageDataset
 from defcnn.data.digits import load_digits_dataset
 from defcnn.data.imagefolder import load_imagefolder
 from defcnn.errors import ConfigError, DataError
+from defcnn.names import DATASETS
 
-DATASETS = ("digits", "cifar10", "imagefolder")
 DEFAULT_IMAGE_SIZE = 32
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from defcnn.errors import ConfigError
 from defcnn.models.registry import ModelSpec
+from defcnn.names import SCHEDULES
 
-SCHEDULES = ("paper", "fast")
 PAPER_LR, PAPER_BATCH = 0.1, 128
 # Per-data-set presets for settings left unset. The digits set has 1,437 training images
 # of 8x8 scans blown up to 32x32: batch 128 would give 12 steps an epoch, and a 4-pixel
