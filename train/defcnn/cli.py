@@ -126,9 +126,36 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="checkpoint -> verified ONNX in a Triton model repository")
+    p.add_argument("checkpoint")
+    p.add_argument("--repo", required=True, help="model repository folder")
+    p.add_argument("--name", required=True, help="model name (a folder in the repository)")
+    p.add_argument("--version", type=int, help="default: one past the newest")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (GPU)")
+    p.add_argument("--fp16", action="store_true", help="with --tensorrt: also an FP16 engine")
+    p.add_argument("--dataset", choices=DATASETS, help="real inputs for parity (default: ckpt's)")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from defcnn.export.exporter import ExportSettings, export, summary
+
+    settings = ExportSettings(
+        checkpoint=args.checkpoint, repo=args.repo, name=args.name, version=args.version,
+        max_batch_size=args.max_batch_size, tensorrt=args.tensorrt, fp16=args.fp16,
+        dataset=args.dataset, data_dir=args.data_dir,
+    )  # fmt: skip
+    print(summary(export(settings)))
+    return EXIT_OK
+
+
 _PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _train_parser,
     _evaluate_parser,
+    _export_parser,
 )
 
 

@@ -17,3 +17,7 @@ class DataError(DefcnnError):
 
 class CheckpointError(DefcnnError):
     """A checkpoint is missing, malformed or unsafe to load."""
+
+
+class ExportError(DefcnnError):
+    """An export failed or did not verify; nothing half-written is left behind."""

@@ -1,0 +1,101 @@
+"""Every export checks itself: ONNX checker, shape inference, no training-only ops, and
+parity with PyTorch in ONNX Runtime on random and real inputs. Failure raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from defcnn.errors import ExportError
+from defcnn.export.onnx_graph import INPUT_NAME, OUTPUT_NAME
+
+MAX_ABS_DIFF = 1e-4
+# Ops that are random, or only meaningful while training, must not survive an export.
+FORBIDDEN_OPS = frozenset(
+    {"Dropout", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+     "Bernoulli", "Multinomial", "BatchNormalization"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """One parity check: a named input batch."""
+
+    name: str
+    images: np.ndarray  # float32 [N, 3, H, W] in [0, 1]
+
+
+def structural_checks(model_proto: onnx.ModelProto, *, allow_batchnorm: bool) -> dict[str, Any]:
+    """Checker (full), strict shape inference, and the op inventory."""
+    try:
+        onnx.checker.check_model(model_proto, full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(model_proto, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"the ONNX graph is invalid: {exc}") from exc
+    ops: dict[str, int] = {}
+    for node in model_proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    forbidden = FORBIDDEN_OPS - ({"BatchNormalization"} if allow_batchnorm else set())
+    bad = sorted(set(ops) & forbidden)
+    if bad:
+        raise ExportError(f"the ONNX graph still holds random or training-only ops: {bad}")
+    if model_proto.training_info:
+        raise ExportError("the ONNX graph carries training_info")
+    out = inferred.graph.output[0].type.tensor_type.shape.dim
+    return {
+        "checker": "passed (full_check)",
+        "shape_inference": "passed (strict)",
+        "output_shape": [d.dim_param or d.dim_value for d in out],
+        "ops": ops,
+    }
+
+
+def ort_session(model_bytes: bytes) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session: parity is defined in FP32 on the CPU."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def parity(
+    session: ort.InferenceSession, model: torch.nn.Module, cases: list[ParityCase]
+) -> list[dict[str, Any]]:
+    """Max abs logit difference and argmax agreement per case; raises past tolerance."""
+    model = model.eval()
+    results = []
+    for case in cases:
+        with torch.no_grad():
+            expected = model(torch.from_numpy(case.images)).numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: case.images})[0]
+        if got.shape != expected.shape:
+            raise ExportError(f"{case.name}: ONNX output {got.shape} != PyTorch {expected.shape}")
+        diff = float(np.abs(got - expected).max())
+        same_argmax = bool((got.argmax(1) == expected.argmax(1)).all())
+        results.append(
+            {"case": case.name, "batch": len(case.images), "max_abs_diff": diff,
+             "argmax_identical": same_argmax, "passed": diff <= MAX_ABS_DIFF and same_argmax}
+        )  # fmt: skip
+    failed = [r for r in results if not r["passed"]]
+    if failed:
+        raise ExportError(f"ONNX Runtime and PyTorch disagree (tolerance {MAX_ABS_DIFF}): {failed}")
+    return results
+
+
+def parity_cases(
+    real: np.ndarray, input_size: int, large_batch: int, seed: int = 0
+) -> list[ParityCase]:
+    """Random and real inputs, each at batch 1 and at `large_batch`."""
+    rng = np.random.default_rng(seed)
+    random = rng.random((large_batch, 3, input_size, input_size), dtype=np.float32)
+    real = real[:large_batch].astype(np.float32) / 255.0
+    return [
+        ParityCase("random batch 1", random[:1]),
+        ParityCase(f"random batch {large_batch}", random),
+        ParityCase("real batch 1", real[:1]),
+        ParityCase(f"real batch {len(real)}", real),
+    ]
