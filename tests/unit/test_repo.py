@@ -32,9 +32,11 @@ def test_defcnn_is_a_namespace_package_rooted_in_the_source_folders() -> None:
 
     assert getattr(defcnn, "__file__", None) is None  # PEP 420: no __init__.py
     roots = {Path(p).resolve().parent.name for p in defcnn.__path__}
-    assert "train" in roots
+    source_roots = {p.parent.name for p in ROOT.glob("*/defcnn") if p.is_dir()}
+    assert source_roots >= {"train", "export"}
+    assert roots >= source_roots  # the namespace spans every source root
     assert not list(ROOT.glob("*/defcnn/__init__.py"))
-    for name in ("layers", "models", "data", "training", "checkpoint", "cli"):
+    for name in ("layers", "models", "data", "training", "checkpoint", "cli", "export.exporter"):
         importlib.import_module(f"defcnn.{name}")
 
 
