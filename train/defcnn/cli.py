@@ -152,10 +152,58 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC")
+    p.add_argument("--model-repo", required=True, help="repository written by defcnn export")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8001, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus port (-1: off)")
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--max-batch-size", type=int, help="default: each model's config.pbtxt")
+    p.add_argument("--max-queue-delay-us", type=int, help="default: each model's config.pbtxt")
+    p.add_argument("--max-queue-size", type=int, default=1024, help="requests per model version")
+    p.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    p.add_argument("--auth-token-file", help="require this bearer token (or $DEFCNN_AUTH_TOKEN)")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--tls-ca", help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from defcnn.server.app import ServerSettings, configure_logging, serve
+    from defcnn.server.repository import ServingOptions
+
+    for name in ("max_batch_size", "max_queue_size", "max_message_mb"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    configure_logging(args.log_level)
+    settings = ServerSettings(
+        model_repo=args.model_repo, host=args.host, port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        serving=ServingOptions(
+            backend=args.backend, device=args.device, max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
+            threads=args.threads,
+        ),
+        auth_token_file=args.auth_token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_ca=args.tls_ca, max_message_mb=args.max_message_mb, grace_s=args.grace_seconds,
+    )  # fmt: skip
+    return asyncio.run(serve(settings))
+
+
 _PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _train_parser,
     _evaluate_parser,
     _export_parser,
+    _serve_parser,
 )
 
 

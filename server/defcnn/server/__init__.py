@@ -1,0 +1,1 @@
+"""The inference server: KServe v2 / Open Inference Protocol over gRPC. Never imports torch."""

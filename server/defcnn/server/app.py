@@ -1,0 +1,169 @@
+"""Assemble and run the server: repository, servicer, health, reflection, auth, TLS,
+metrics, and a graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from defcnn.errors import ConfigError
+from defcnn.protos import grpc_service_pb2, grpc_service_pb2_grpc
+from defcnn.server.auth import BearerTokenInterceptor, load_token
+from defcnn.server.repository import ModelRepository, ServingOptions
+from defcnn.server.servicer import InferenceServicer
+from defcnn.server.statistics import Metrics, start_metrics_server
+
+log = logging.getLogger("defcnn.server")
+SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `defcnn serve` takes."""
+
+    model_repo: str
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_port: int | None = 8002
+    serving: ServingOptions = field(default_factory=ServingOptions)
+    auth_token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    max_message_mb: int = 64
+    grace_s: float = 10.0
+
+
+def _credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
+    if not (s.tls_cert or s.tls_key or s.tls_ca):
+        return None
+    if not (s.tls_cert and s.tls_key):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key (and --tls-ca for mutual TLS)")
+    try:
+        cert, key = Path(s.tls_cert).read_bytes(), Path(s.tls_key).read_bytes()
+        ca = Path(s.tls_ca).read_bytes() if s.tls_ca else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS files: {exc}") from exc
+    return grpc.ssl_server_credentials([(key, cert)], ca, require_client_auth=ca is not None)
+
+
+class InferenceServer:
+    """One running server; `start` returns once it serves, `stop` drains it."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
+        self.repository = ModelRepository(
+            Path(settings.model_repo), settings.serving, self.executor, self.metrics
+        )
+        self.servicer = InferenceServicer(self.repository, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server = None
+
+    async def start(self) -> None:
+        s = self.settings
+        token = load_token(s.auth_token_file)
+        credentials = _credentials(s)
+        limit = s.max_message_mb * 1024 * 1024
+        interceptors = [BearerTokenInterceptor(token)] if token else []
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server,
+        )  # fmt: skip
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{s.host}:{s.port}"
+        self.port = (
+            server.add_secure_port(address, credentials) if credentials
+            else server.add_insecure_port(address)
+        )  # fmt: skip
+        if self.port == 0:
+            raise ConfigError(f"cannot bind {address}")
+        await server.start()
+        self._server = server
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.repository.load_all)  # load + warm-up, off-loop
+        self.repository.start()
+        if s.metrics_port is not None:
+            self._metrics_server = start_metrics_server(self.metrics, s.host, s.metrics_port)
+            self.metrics_port = self._metrics_server.server_port
+        self.servicer.accepting = True
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        """Stop accepting, answer what is in flight, then release everything."""
+        self.servicer.accepting = False
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.grace_s)
+        await self.repository.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self.executor.shutdown(wait=True)
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    def ready_line(self) -> str:
+        models = [
+            f"{mv.name}/{mv.version}{'' if mv.ready else ' (NOT READY)'}"
+            for mv in self.repository.all_versions()
+        ]
+        metrics = f", metrics on :{self.metrics_port}" if self.metrics_port else ""
+        tls = "TLS" if self.settings.tls_cert else "plaintext"
+        return (
+            f"defcnn serve: ready on {self.settings.host}:{self.port} ({tls}{metrics}); "
+            f"models: {', '.join(models) or 'none'}"
+        )
+
+
+async def serve(settings: ServerSettings) -> int:
+    """Run until SIGTERM or SIGINT, then drain; returns the exit code."""
+    server = InferenceServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        print(server.ready_line(), flush=True)
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests")
+    finally:
+        await server.stop()
+    print("defcnn serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Structured one-line logs: time, level, logger, message as key=value."""
+    logging.basicConfig(
+        level=level,
+        format='ts=%(asctime)s level=%(levelname)s logger=%(name)s msg="%(message)s"',
+        stream=sys.stderr,
+    )

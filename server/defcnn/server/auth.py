@@ -1,0 +1,67 @@
+"""Optional bearer-token auth: every RPC but the health check needs `authorization: Bearer T`."""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from defcnn.errors import ConfigError
+
+TOKEN_ENV = "DEFCNN_AUTH_TOKEN"
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def load_token(token_file: str | None) -> str | None:
+    """The token from a file (first line) or $DEFCNN_AUTH_TOKEN; None means auth is off."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --auth-token-file {token_file}: {exc}") from exc
+        if not token:
+            raise ConfigError(f"--auth-token-file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _deny(message: str) -> grpc.RpcMethodHandler:
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def _deny_stream(message: str) -> grpc.RpcMethodHandler:
+    async def abort(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return grpc.stream_stream_rpc_method_handler(abort)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects a missing, malformed or wrong token with UNAUTHENTICATED, in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method or ""
+        if method.startswith(EXEMPT_PREFIXES):
+            return await continuation(details)
+        values = [v for k, v in (details.invocation_metadata or ()) if k == "authorization"]
+        given = values[0].encode() if len(values) == 1 and isinstance(values[0], str) else b""
+        if hmac.compare_digest(given, self._expected):
+            return await continuation(details)
+        message = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
+        if method.endswith(("/ModelStreamInfer", "/ServerReflectionInfo")):
+            return _deny_stream(message)
+        return _deny(message)

@@ -1,0 +1,44 @@
+"""ONNX Runtime backend: TensorRT and CUDA execution providers on a GPU, else the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from defcnn.server.backends.base import cuda_usable
+from defcnn.server.errors import InvalidArgument
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def providers_for(device: str) -> list[str]:
+    """Execution providers for `device` (auto, cpu, cuda), most preferred first."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise InvalidArgument(f"device must be auto, cpu or cuda, got {device!r}")
+    available = set(ort.get_available_providers())
+    gpu = [p for p in GPU_PROVIDERS if p in available]
+    if device == "cuda" and not (gpu and cuda_usable()):
+        raise InvalidArgument("device cuda asked for, but no usable CUDA GPU / provider")
+    if device == "cpu" or not (gpu and cuda_usable()):
+        return ["CPUExecutionProvider"]
+    return [*gpu, "CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    """One InferenceSession per model version; `run` is called from one worker thread."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, device: str = "auto", threads: int = 0) -> None:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_path), opts, providers=providers_for(device))
+        self.device = "cuda" if self.session.get_providers()[0] in GPU_PROVIDERS else "cpu"
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: images})[0]

@@ -1,0 +1,50 @@
+"""Server errors and their gRPC status codes, mapped in exactly one place."""
+
+from __future__ import annotations
+
+import grpc
+
+from defcnn.errors import DefcnnError
+
+
+class ServerError(DefcnnError):
+    """An error a client should see: its class decides the gRPC status code."""
+
+    status = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(ServerError):
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServerError):
+    status = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(ServerError):
+    """Not ready or shutting down: clients may retry."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(ServerError):
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServerError):
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unimplemented(ServerError):
+    status = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Unauthenticated(ServerError):
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and message to send for `exc`; anything unexpected is INTERNAL, no details."""
+    if isinstance(exc, ServerError):
+        return exc.status, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error (see the server log)"

@@ -1,0 +1,233 @@
+"""GRPCInferenceService: each method converts, delegates, converts back.
+
+Errors are mapped to status codes in one place (`_handled`); RPCs we do not implement
+(shared memory, trace, log settings, model load/unload) keep the generated base class's
+UNIMPLEMENTED answer.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from defcnn.protos import grpc_service_pb2 as pb
+from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
+from defcnn.server import codec
+from defcnn.server.errors import NotFound, ServerError, Unavailable, status_of
+from defcnn.server.repository import ModelRepository, ModelVersion
+from defcnn.server.statistics import Duration, Metrics
+
+log = logging.getLogger("defcnn.server")
+SERVER_NAME = "defcnn"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ("classification", "model_configuration", "statistics", "binary_tensor_data")
+
+R = TypeVar("R")
+
+
+def _handled(
+    method: Callable[..., Awaitable[R]],
+) -> Callable[..., Awaitable[R]]:
+    """Turn exceptions into status codes: ours keep their message, others become INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext
+    ) -> R:
+        try:
+            return await method(self, request, context)
+        except ServerError as exc:
+            await context.abort(*status_of(exc))
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            log.exception("internal error in %s", method.__name__)
+            await context.abort(*status_of(exc))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def _dims(values: tuple[int, ...] | list[int]) -> list[int]:
+    return [-1, *values]
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The KServe v2 / Triton-compatible service over a loaded model repository."""
+
+    def __init__(self, repository: ModelRepository, metrics: Metrics) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.accepting = False
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Any
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.accepting)
+
+    @_handled
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Any
+    ) -> pb.ModelReadyResponse:
+        try:
+            self.repository.lookup(request.name, request.version)
+        except (NotFound, Unavailable):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.accepting)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS)
+        )
+
+    def _any_version(self, name: str, version: str) -> ModelVersion:
+        """A version for metadata/config: ready or not, but it must exist."""
+        versions = self.repository.models.get(name)
+        if not versions:
+            raise NotFound(f"unknown model {name!r}")
+        if version:
+            if not version.isdigit() or int(version) not in versions:
+                raise NotFound(f"model {name!r} has no version {version!r}")
+            return versions[int(version)]
+        return versions[max(versions)]
+
+    @_handled
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        mv = self._any_version(request.name, request.version)
+        cfg = mv.config
+        versions = sorted(self.repository.models[request.name])
+        response = pb.ModelMetadataResponse(
+            name=mv.name, versions=[str(v) for v in versions], platform=mv.platform
+        )
+        for t in cfg.input:
+            response.inputs.add(name=t.name, datatype="FP32", shape=_dims(list(t.dims)))
+        for t in cfg.output:
+            response.outputs.add(name=t.name, datatype="FP32", shape=_dims(list(t.dims)))
+        return response
+
+    @_handled
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Any
+    ) -> pb.ModelConfigResponse:
+        mv = self._any_version(request.name, request.version)
+        response = pb.ModelConfigResponse()
+        response.config.CopyFrom(mv.config)
+        if mv.max_batch_size:
+            response.config.max_batch_size = mv.max_batch_size
+        return response
+
+    @_handled
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Any
+    ) -> pb.ModelInferResponse:
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return await self.infer(request, deadline)
+
+    async def infer(
+        self, request: pb.ModelInferRequest, deadline: float | None
+    ) -> pb.ModelInferResponse:
+        """Validate, batch, run and encode one request, counting it either way."""
+        start = time.perf_counter_ns()
+        if not self.accepting:
+            raise Unavailable("the server is not accepting requests (starting or draining)")
+        mv = self.repository.lookup(request.model_name, request.model_version)
+        try:
+            images = codec.decode_inputs(request, mv)
+            outputs = codec.requested_outputs(request, mv)
+            assert mv.batcher is not None  # a ready version always has one
+            logits, timing = await mv.batcher.submit(images, deadline)
+            response = codec.encode_response(request, mv, outputs, logits)
+        except BaseException:
+            self.metrics.request_failed(
+                mv.name, mv.version, total_ns=time.perf_counter_ns() - start
+            )
+            raise
+        self.metrics.request_ok(
+            mv.name, mv.version, total_ns=time.perf_counter_ns() - start,
+            queue_ns=timing.queue_ns, compute_ns=timing.compute_ns, rows=len(images),
+        )  # fmt: skip
+        return response
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """As Triton: an error answers that request in error_message; the stream goes on."""
+        async for request in request_iterator:
+            try:
+                response = await self.infer(request, None)
+                yield pb.ModelStreamInferResponse(infer_response=response)
+            except Exception as exc:
+                _, message = status_of(exc)
+                if not isinstance(exc, ServerError):
+                    log.exception("internal error in ModelStreamInfer")
+                yield pb.ModelStreamInferResponse(
+                    error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
+                )
+
+    @_handled
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            self._any_version(request.name, request.version)
+        response = pb.ModelStatisticsResponse()
+        snapshot = self.metrics.snapshot()
+        for mv in self.repository.all_versions():
+            if request.name and mv.name != request.name:
+                continue
+            if request.version and str(mv.version) != request.version:
+                continue
+            s = snapshot.get((mv.name, mv.version))
+            entry = response.model_stats.add(name=mv.name, version=str(mv.version))
+            if s is None:
+                continue
+            entry.last_inference = s.last_inference_ms
+            entry.inference_count = s.inference_count
+            entry.execution_count = s.execution_count
+            stats = entry.inference_stats
+            for field, value in (
+                ("success", s.success), ("fail", s.fail), ("queue", s.queue),
+                ("compute_input", s.compute_input), ("compute_infer", s.compute_infer),
+                ("compute_output", s.compute_output),
+            ):  # fmt: skip
+                _fill(getattr(stats, field), value)
+            for size, duration in sorted(s.batches.items()):
+                batch = entry.batch_stats.add(batch_size=size)
+                _fill(batch.compute_infer, duration)
+                _fill(batch.compute_input, Duration(duration.count, 0))
+                _fill(batch.compute_output, Duration(duration.count, 0))
+        return response
+
+    @_handled
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for mv in self.repository.all_versions():
+            if request.ready and not mv.ready:
+                continue
+            response.models.add(
+                name=mv.name, version=str(mv.version),
+                state="READY" if mv.ready else "UNAVAILABLE", reason=mv.reason,
+            )  # fmt: skip
+        return response
+
+
+def _fill(target: pb.StatisticDuration, value: Duration) -> None:
+    target.count = value.count
+    target.ns = value.ns
