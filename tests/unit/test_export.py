@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from google.protobuf import text_format
 from onnx import numpy_helper
 
 from defcnn.checkpoint import load_checkpoint, load_model
@@ -122,19 +123,44 @@ def test_verification_report_is_saved_beside_the_model(exported: Path) -> None:
 
 
 def test_config_parses_as_a_triton_model_config(exported: Path) -> None:
-    from tritonclient.grpc import model_config_pb2
+    # Parsed with Triton's own schema in a subprocess: tritonclient's model_config_pb2 and
+    # defcnn.protos.model_config_pb2 both define inference.ModelConfig, which cannot share
+    # protobuf's default descriptor pool in one process.
+    script = """
+import json, sys
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
-    config = model_config_pb2.ModelConfig()
-    text_format.Parse((exported / "defective" / "config.pbtxt").read_text(), config)
-    assert config.name == "defective" and config.platform == "onnxruntime_onnx"
-    assert config.max_batch_size == 16
-    assert list(config.input[0].dims) == [3, 32, 32]
-    assert config.input[0].data_type == model_config_pb2.TYPE_FP32
-    assert list(config.output[0].dims) == [10] and config.output[0].label_filename == "labels.txt"
-    assert list(config.dynamic_batching.preferred_batch_size)[-1] == 16
-    assert config.dynamic_batching.max_queue_delay_microseconds > 0
-    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
-    assert config.version_policy.HasField("all")
+config = text_format.Parse(open(sys.argv[1]).read(), mc.ModelConfig())
+print(json.dumps({
+    "name": config.name,
+    "platform": config.platform,
+    "max_batch_size": config.max_batch_size,
+    "input_dims": list(config.input[0].dims),
+    "input_data_type": mc.DataType.Name(config.input[0].data_type),
+    "output_dims": list(config.output[0].dims),
+    "label_filename": config.output[0].label_filename,
+    "preferred_batch_size": list(config.dynamic_batching.preferred_batch_size),
+    "max_queue_delay_microseconds": config.dynamic_batching.max_queue_delay_microseconds,
+    "instance_kind": mc.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind),
+    "version_policy_all": config.version_policy.HasField("all"),
+}))
+"""
+    path = exported / "defective" / "config.pbtxt"
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["name"] == "defective" and config["platform"] == "onnxruntime_onnx"
+    assert config["max_batch_size"] == 16
+    assert config["input_dims"] == [3, 32, 32]
+    assert config["input_data_type"] == "TYPE_FP32"
+    assert config["output_dims"] == [10] and config["label_filename"] == "labels.txt"
+    assert config["preferred_batch_size"][-1] == 16
+    assert config["max_queue_delay_microseconds"] > 0
+    assert config["instance_kind"] == "KIND_AUTO"
+    assert config["version_policy_all"]
     labels = (exported / "defective" / "labels.txt").read_text().splitlines()
     assert labels == [str(i) for i in range(10)]
 
