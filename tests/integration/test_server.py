@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import signal
 import struct
@@ -445,3 +446,25 @@ def test_server_package_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (["--max-batch-size", "200", "--max-message-mb", "1"], "max-message-mb"),
+        (["--backend", "tensorrt"], "tensorrt"),
+    ],
+)
+def test_models_that_cannot_run_are_reported_not_ready(repo, launch, flags, reason) -> None:
+    if reason == "tensorrt" and importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    srv = launch.start(repo.root, *flags)
+    try:
+        index = srv.stub().RepositoryIndex(pb.RepositoryIndexRequest())
+        digits = next(m for m in index.models if m.name == "digits")
+        assert digits.state == "UNAVAILABLE" and reason in digits.reason
+        with pytest.raises(grpc.RpcError) as exc:
+            srv.stub().ModelInfer(infer_request(images(1)), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert srv.stop() == 0

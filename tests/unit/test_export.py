@@ -46,7 +46,15 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def exported(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
     for kind, ckpt in checkpoints.items():
-        export(ExportSettings(checkpoint=str(ckpt), repo=str(repo), name=kind, max_batch_size=16))
+        export(
+            ExportSettings(
+                checkpoint=str(ckpt),
+                repo=str(repo),
+                name=kind,
+                max_batch_size=16,
+                max_queue_delay_us=500,
+            )
+        )
     return repo
 
 
@@ -158,7 +166,7 @@ print(json.dumps({
     assert config["input_data_type"] == "TYPE_FP32"
     assert config["output_dims"] == [10] and config["label_filename"] == "labels.txt"
     assert config["preferred_batch_size"][-1] == 16
-    assert config["max_queue_delay_microseconds"] > 0
+    assert config["max_queue_delay_microseconds"] == 500
     assert config["instance_kind"] == "KIND_AUTO"
     assert config["version_policy_all"]
     labels = (exported / "defective" / "labels.txt").read_text().splitlines()

@@ -133,6 +133,9 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="model name (a folder in the repository)")
     p.add_argument("--version", type=int, help="default: one past the newest")
     p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument(
+        "--max-queue-delay-us", type=int, default=0, help="dynamic batching wait (default 0)"
+    )
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (GPU)")
     p.add_argument("--fp16", action="store_true", help="with --tensorrt: also an FP16 engine")
     p.add_argument("--dataset", choices=DATASETS, help="real inputs for parity (default: ckpt's)")
@@ -145,7 +148,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     settings = ExportSettings(
         checkpoint=args.checkpoint, repo=args.repo, name=args.name, version=args.version,
-        max_batch_size=args.max_batch_size, tensorrt=args.tensorrt, fp16=args.fp16,
+        max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+        tensorrt=args.tensorrt, fp16=args.fp16,
         dataset=args.dataset, data_dir=args.data_dir,
     )  # fmt: skip
     print(summary(export(settings)))

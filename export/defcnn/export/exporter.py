@@ -34,6 +34,7 @@ class ExportSettings:
     name: str
     version: int | None = None
     max_batch_size: int = 64
+    max_queue_delay_us: int = 0
     tensorrt: bool = False
     fp16: bool = False
     dataset: str | None = None
@@ -43,6 +44,8 @@ class ExportSettings:
         repository.check_model_name(self.name)
         if not 1 <= self.max_batch_size <= 4096:
             raise ConfigError(f"max_batch_size must be in 1..4096, got {self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise ConfigError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         if self.fp16 and not self.tensorrt:
             raise ConfigError("--fp16 applies to TensorRT engines: add --tensorrt")
 
@@ -117,7 +120,7 @@ def export(settings: ExportSettings) -> dict[str, Any]:
 
     config = TritonModelConfig(
         name=settings.name, input_size=size, num_classes=len(classes),
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=settings.max_batch_size, max_queue_delay_us=settings.max_queue_delay_us,
     )  # fmt: skip
     with repository.staged_version(model_dir, version) as staging:
         (staging / MODEL_FILE).write_bytes(model_bytes)

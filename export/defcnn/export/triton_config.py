@@ -29,7 +29,9 @@ class TritonModelConfig:
     num_classes: int
     max_batch_size: int = 64
     platform: str = "onnxruntime_onnx"
-    max_queue_delay_us: int = 2000
+    # 0: no waiting for company. On a CPU a busy backend is what forms batches (requests
+    # queue while one batch runs); raise it on GPUs, where a bigger batch costs little more.
+    max_queue_delay_us: int = 0
     instance_count: int = 1
     preferred: list[int] = field(default_factory=list)
 

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -60,6 +60,10 @@ class InferenceServer:
     """One running server; `start` returns once it serves, `stop` drains it."""
 
     def __init__(self, settings: ServerSettings) -> None:
+        settings = replace(
+            settings,
+            serving=replace(settings.serving, max_message_bytes=settings.max_message_mb * 2**20),
+        )
         self.settings = settings
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")

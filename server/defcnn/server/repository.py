@@ -32,6 +32,7 @@ class ServingOptions:
     max_queue_delay_us: int | None = None
     max_queue_size: int = 1024
     threads: int = 0
+    max_message_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -99,9 +100,8 @@ class ModelRepository:
             config = parse_config(model_dir / "config.pbtxt")
         except Exception as exc:
             log.error("model %s: unreadable config.pbtxt: %s", name, exc)
-            broken = ModelVersion(name, 0, model_config_pb2.ModelConfig(), [], "", reason=str(exc))
-            broken.reason = f"unreadable config.pbtxt: {exc}"
-            return {0: broken}
+            reason = f"unreadable config.pbtxt: {exc}"
+            return {0: ModelVersion(name, 0, model_config_pb2.ModelConfig(), [], "", reason=reason)}
         labels_file = model_dir / (config.output[0].label_filename if config.output else "")
         labels = labels_file.read_text().splitlines() if labels_file.is_file() else []
         versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
@@ -123,6 +123,12 @@ class ModelRepository:
         mv.input_dims = tuple(int(d) for d in cfg.input[0].dims)
         mv.num_classes = int(cfg.output[0].dims[0])
         mv.max_batch_size = self.options.max_batch_size or cfg.max_batch_size or 1
+        needed = mv.max_batch_size * int(np.prod(mv.input_dims)) * 4 + 64 * 1024
+        if needed > self.options.max_message_bytes:
+            raise InvalidArgument(
+                f"a full batch of {mv.max_batch_size} needs {needed / 2**20:.1f} MiB messages; "
+                f"raise --max-message-mb above {self.options.max_message_bytes / 2**20:.0f}"
+            )
         delay_us = self.options.max_queue_delay_us
         if delay_us is None:
             delay_us = cfg.dynamic_batching.max_queue_delay_microseconds
