@@ -35,6 +35,9 @@ class OnnxRuntimeBackend:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
+        # Idle ORT threads spin by default, taking the cores the gRPC and event-loop threads
+        # need between batches; a server shares its CPU, so they sleep instead.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model_path), opts, providers=providers_for(device))
         self.device = "cuda" if self.session.get_providers()[0] in GPU_PROVIDERS else "cpu"
         self.input_name = self.session.get_inputs()[0].name
