@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from defcnn.errors import ConfigError, DefcnnError
 from defcnn.names import ARCH_NAMES, DATASETS, SCHEDULES
@@ -203,11 +204,171 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
+_ATTACK_DEFAULTS: dict[str, object] = {
+    "dataset": "digits", "num_images": 100, "seed": 0, "timeout": 60.0, "batch_size": 64,
+    "attack": None, "eps": None, "budget": 1000,
+}  # fmt: skip
+
+
+def _attack_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="HOST:PORT of the endpoint")
+    p.add_argument("--model", action="append", help="endpoint model (repeat for several)")
+    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--data-dir")
+    p.add_argument("--num-images", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="report folder (a rerun resumes from what is there)")
+    p.add_argument("--config", help="JSON file with the same settings (flags win)")
+    p.add_argument("--token-file")
+    p.add_argument("--tls-ca")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--timeout", type=float)
+    p.add_argument("--quiet", action="store_true")
+
+
+def _attack_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attack", help="attack an endpoint: transfer or query-based")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    t = kinds.add_parser("transfer", help="craft on local surrogates, send to the endpoint")
+    _attack_common(t)
+    t.add_argument("--surrogate", action="append", help="surrogate checkpoint (repeat: ensemble)")
+    t.add_argument("--attack", nargs="+", choices=("fgsm", "pgd", "mifgsm", "difgsm", "cwl2"))
+    t.add_argument("--eps", type=float, nargs="+", help="L-inf budgets in 1/255 units")
+    t.add_argument("--batch-size", type=int)
+    t.set_defaults(func=_cmd_attack)
+    q = kinds.add_parser("query", help="query-based black-box attack through the endpoint")
+    _attack_common(q)
+    q.add_argument("--attack", choices=("square", "hopskipjump", "boundary", "simba"))
+    q.add_argument("--budget", type=int, help="queries per image (default 1000)")
+    q.add_argument("--eps", type=float, help="L-inf budget in 1/255 units (square, simba)")
+    q.set_defaults(func=_cmd_attack)
+
+
+def _cmd_attack(args: argparse.Namespace) -> int:
+    from defcnn.client.harness import (
+        DataChoice,
+        Endpoint,
+        QuerySettings,
+        TransferSettings,
+        run_query,
+        run_transfer,
+    )  # fmt: skip
+
+    config: dict[str, object] = {}
+    if args.config:
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read --config {args.config}: {exc}") from exc
+
+    def get(name: str) -> object:
+        value = getattr(args, name, None)
+        if value is None or value is False:
+            value = config.get(name, _ATTACK_DEFAULTS.get(name))
+        return value
+
+    for name in ("url", "model", "out", "attack"):
+        if not get(name):
+            raise ConfigError(f"--{name} is required (on the command line or in --config)")
+    models = get("model")
+    endpoint = Endpoint(
+        url=str(get("url")), models=tuple(models if isinstance(models, list) else [models]),
+        token_file=get("token_file"), tls_ca=get("tls_ca"), tls_cert=get("tls_cert"),
+        tls_key=get("tls_key"), timeout=float(get("timeout")),
+    )  # fmt: skip
+    data = DataChoice(dataset=str(get("dataset")), data_dir=get("data_dir"),
+                      num_images=int(get("num_images")), seed=int(get("seed")))  # fmt: skip
+    if args.kind == "transfer":
+        surrogates = get("surrogate")
+        if not surrogates:
+            raise ConfigError("--surrogate is required (a checkpoint; repeat for an ensemble)")
+        attacks, eps = get("attack"), get("eps") or [16.0]
+        settings = TransferSettings(
+            endpoint=endpoint, surrogates=tuple(surrogates), data=data, out=str(get("out")),
+            attacks=tuple(attacks if isinstance(attacks, list) else [attacks]),
+            eps_255=tuple(float(e) for e in (eps if isinstance(eps, list) else [eps])),
+            batch_size=int(get("batch_size")),
+        )  # fmt: skip
+        results = run_transfer(settings, progress=not args.quiet)
+        for row in results["rows"]:
+            print(
+                f"{row['target']:<20} {row['attack']:<7} eps {row['eps_255']:>5g}/255  "
+                f"acc clean {row['accuracy_clean']:.3f} adv {row['accuracy_adversarial']:.3f}  "
+                f"transfer metric {row['transfer_accuracy']:.3f}"
+            )
+    else:
+        budget = int(get("budget"))
+        if budget < 1:
+            raise ConfigError(f"--budget must be >= 1, got {budget}")
+        settings = QuerySettings(
+            endpoint=endpoint, attack=str(get("attack")), budget=budget, data=data,
+            eps_255=float(get("eps") or 16.0), out=str(get("out")),
+        )  # fmt: skip
+        results = run_query(settings, progress=not args.quiet)
+        for model, entry in results["models"].items():
+            last = entry["by_budget"][-1]
+            extra = f" median L2 {last['median_l2']}" if "median_l2" in last else ""
+            print(
+                f"{model:<20} {settings.attack} budget {last['budget']}: success "
+                f"{last['success_rate']:.3f} median queries {last['median_queries']}{extra}"
+            )
+    print(f"report: {Path(str(get('out'))) / 'report.md'}")
+    return EXIT_OK
+
+
+def _classify_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="classify image files with a running defcnn server")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="PNG/JPEG files or folders")
+    p.add_argument("--url", required=True, help="HOST:PORT, grpc://HOST:PORT or grpcs://...")
+    p.add_argument("--model", required=True, help="model name in the server's repository")
+    p.add_argument("--top-k", type=int, default=1, help="classes to print per image (default 1)")
+    p.add_argument("--token-file", help="bearer token file (first line)")
+    p.add_argument("--tls-ca", help="CA certificate to verify the server (implies TLS)")
+    p.add_argument("--tls-cert", help="client certificate for mutual TLS (with --tls-key)")
+    p.add_argument("--tls-key")
+    p.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds per RPC")
+    p.set_defaults(func=_cmd_classify)
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from defcnn.client import InferenceClient
+    from defcnn.client.images import find_images, load_images
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --token-file {args.token_file}: {exc}") from exc
+    paths = find_images(args.paths)
+    with InferenceClient(
+        args.url, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        timeout=args.timeout,
+    ) as client:  # fmt: skip
+        info = client.info(args.model)
+        _, height, width = info.input_shape
+        probabilities = client.probabilities(args.model, load_images(paths, height, width))
+    k = min(args.top_k, info.num_classes)
+    for path, row in zip(paths, probabilities, strict=True):
+        top = np.argsort(-row, kind="stable")[:k]
+        names = [info.labels[i] if i < len(info.labels) else str(i) for i in top]
+        shown = ", ".join(f"{name} (p={row[i]:.2f})" for name, i in zip(names, top, strict=True))
+        print(f"{path}\t{shown}")
+    return EXIT_OK
+
+
 _PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _train_parser,
     _evaluate_parser,
     _export_parser,
     _serve_parser,
+    _attack_parser,
+    _classify_parser,
 )
 
 

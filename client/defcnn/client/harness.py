@@ -1,0 +1,363 @@
+"""Attack runs against an endpoint: transfer attacks from local surrogates, and query
+attacks through the client. Each stage's output is saved as it completes, so an
+interrupted run resumes from what is on disk; seeds make runs repeatable."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from defcnn.checkpoint import atomic_write
+from defcnn.client.blackbox import DECISION_BASED, Trace, attack_one, summarize
+from defcnn.client.metrics import boundary_figure, perturbation_norms, transfer_metrics
+from defcnn.client.report import image_grid, query_report, transfer_report, write_results
+from defcnn.errors import ConfigError
+
+GRID_IMAGES = 6
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the models are served and how to reach them."""
+
+    url: str
+    models: tuple[str, ...]
+    token_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    timeout: float = 60.0
+
+    def client(self, budget: int | None = None) -> Any:
+        from defcnn.client import InferenceClient
+
+        token = Path(self.token_file).read_text().strip() if self.token_file else None
+        return InferenceClient(
+            self.url,
+            token=token,
+            tls=bool(self.tls_ca),
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            timeout=self.timeout,
+            budget=budget,
+        )
+
+
+@dataclass(frozen=True)
+class DataChoice:
+    dataset: str = "digits"
+    data_dir: str | None = None
+    num_images: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    endpoint: Endpoint
+    surrogates: tuple[str, ...]
+    attacks: tuple[str, ...] = ("pgd",)
+    eps_255: tuple[float, ...] = (16.0,)
+    data: DataChoice = field(default_factory=DataChoice)
+    out: str = "attack-report"
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    endpoint: Endpoint
+    attack: str = "square"
+    budget: int = 1000
+    eps_255: float = 16.0
+    data: DataChoice = field(default_factory=DataChoice)
+    out: str = "attack-report"
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def _cached(path: Path, compute: Any) -> np.ndarray:
+    """Load a stage's output from disk, or compute and save it (the resume mechanism)."""
+    if path.exists():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            path.unlink()
+    value = compute()
+    _save_npy(path, value)
+    return value
+
+
+def _sample(choice: DataChoice, image_size: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """A seeded subset of the test split, uint8 NCHW."""
+    from defcnn.data import load_dataset
+
+    data = load_dataset(choice.dataset, choice.data_dir, image_size=image_size, progress=False)
+    if choice.num_images < 1:
+        raise ConfigError(f"--num-images must be >= 1, got {choice.num_images}")
+    rng = np.random.default_rng(choice.seed)
+    idx = np.sort(rng.permutation(len(data.test_y))[: choice.num_images])
+    info = {
+        "name": data.name,
+        "source": data.source,
+        "images": len(idx),
+        "indices": idx.tolist(),
+        "classes": list(data.classes),
+    }
+    return data.test_x[idx], data.test_y[idx], info
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    names = {
+        "defective-cnn": "defcnn",
+        "torch": "torch",
+        "numpy": "numpy",
+        "grpcio": "grpcio",
+        "adversarial-robustness-toolbox": "art",
+    }
+    for package, key in names.items():
+        with contextlib.suppress(PackageNotFoundError):
+            out[key] = version(package)
+    return out
+
+
+def _local_predict(model: Any, images: np.ndarray, device: str) -> np.ndarray:
+    """The surrogate's labels for uint8 images (to know which adversarial examples fool it)."""
+    import torch
+
+    with torch.no_grad():
+        chunks = np.array_split(images, max(1, len(images) // 256))
+        preds = [model(torch.from_numpy(c).to(device).float() / 255).argmax(1) for c in chunks]
+    return torch.cat(preds).cpu().numpy()
+
+
+def _label_text(pred: np.ndarray, y: np.ndarray, classes: list[str]) -> list[str]:
+    return [f"{classes[p]}{'' if p == t else ' (wrong)'}" for p, t in zip(pred, y, strict=True)]
+
+
+def run_transfer(settings: TransferSettings, *, progress: bool = True) -> dict[str, Any]:
+    """Craft on the surrogates, send to every endpoint model, score, and write the report."""
+    import torch
+
+    from defcnn.checkpoint import load_model
+    from defcnn.client.attacks import Ensemble, craft, make_attack
+
+    out = Path(settings.out)
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = [load_model(p, device)[0] for p in settings.surrogates]
+    surrogate = models[0] if len(models) == 1 else Ensemble(models)
+    size = load_model(settings.surrogates[0])[1].spec.resolved_input_size
+    x, y, info = _sample(settings.data, size)
+    client = settings.endpoint.client()
+    clean = x.astype(np.float32) / 255.0
+    clean_pred = {
+        m: _cached(out / "stages" / f"{m}-clean.npy", lambda m=m: client.predict(m, clean))
+        for m in settings.endpoint.models
+    }
+    rows, grid_adv = [], {}
+    total = len(settings.attacks) * len(settings.eps_255)
+    bar = tqdm(total=total, desc="attacks", disable=not progress)
+    for attack_name in settings.attacks:
+        for eps in settings.eps_255:
+            tag = f"{attack_name}-eps{eps:g}"
+            attack = make_attack(attack_name, eps / 255.0)
+            adv = _cached(
+                out / "stages" / f"adv-{tag}.npy",
+                lambda a=attack: craft(
+                    a,
+                    surrogate,
+                    x,
+                    y,
+                    batch_size=settings.batch_size,
+                    device=device,
+                    progress=progress,
+                ),
+            )
+            src = _local_predict(surrogate, adv, device)
+            norms = perturbation_norms(x, adv)
+            for m in settings.endpoint.models:
+                pred = _cached(
+                    out / "stages" / f"{m}-{tag}.npy",
+                    lambda m=m, adv=adv: client.predict(m, adv.astype(np.float32) / 255),
+                )
+                rows.append(
+                    {
+                        "target": m,
+                        "attack": attack_name,
+                        "eps_255": eps,
+                        **transfer_metrics(y, src, clean_pred[m], pred),
+                        **norms,
+                    }
+                )
+                grid_adv[(m, tag)] = (adv[:GRID_IMAGES], pred[:GRID_IMAGES])
+            bar.update(1)
+    bar.close()
+    results = {
+        "kind": "transfer",
+        "config": _config(settings),
+        "dataset": info,
+        "rows": rows,
+        "queries": {m: asdict(client.counter(m)) for m in settings.endpoint.models},
+        "versions": _versions(),
+    }
+    write_results(out, results)
+    transfer_report(out, results)
+    last_tag = f"{settings.attacks[-1]}-eps{settings.eps_255[-1]:g}"
+    classes = info["classes"]
+    image_grid(
+        out / "examples.png",
+        x[:GRID_IMAGES],
+        {f"{m} {last_tag}": grid_adv[(m, last_tag)][0] for m in settings.endpoint.models},
+        {
+            f"{m} {last_tag}": _label_text(grid_adv[(m, last_tag)][1], y[:GRID_IMAGES], classes)
+            for m in settings.endpoint.models
+        },
+        [f"true {classes[t]}" for t in y[:GRID_IMAGES]],
+    )
+    client.close()
+    return results
+
+
+def _config(settings: TransferSettings | QuerySettings) -> dict[str, Any]:
+    cfg = asdict(settings)
+    endpoint = cfg.pop("endpoint")
+    return {
+        **cfg,
+        "url": endpoint["url"],
+        "models": endpoint["models"],
+        "seed": settings.data.seed,
+        **(
+            {"surrogates": list(settings.surrogates)}
+            if isinstance(settings, TransferSettings)
+            else {}
+        ),
+    }
+
+
+def budgets_for(budget: int) -> list[int]:
+    """Report points: 10, 100, 1,000, ... up to and including the run's budget."""
+    points = [b for b in (10, 100, 1000, 10000, 100000) if b < budget]
+    return [*points, budget]
+
+
+def run_query(settings: QuerySettings, *, progress: bool = True) -> dict[str, Any]:
+    """Attack each correctly classified image through the client, trace by trace (resumable)."""
+    out = Path(settings.out)
+    (out / "traces").mkdir(parents=True, exist_ok=True)
+    client = settings.endpoint.client()
+    first = settings.endpoint.models[0]
+    info0 = client.info(first)
+    x, y, info = _sample(settings.data, info0.input_shape[1])
+    clean = x.astype(np.float32) / 255.0
+    decision = settings.attack in DECISION_BASED
+    models: dict[str, Any] = {}
+    grid: dict[str, np.ndarray] = {}
+    captions: dict[str, list[str]] = {}
+    for m in settings.endpoint.models:
+        num_classes = client.info(m).num_classes
+        clean_pred = _cached(
+            out / "traces" / f"{m}-clean.npy", lambda m=m: client.predict(m, clean)
+        )
+        trace_file = out / "traces" / f"{m}.jsonl"
+        done = _read_traces(trace_file)
+        todo = [i for i in range(len(y)) if clean_pred[i] == y[i] and i not in done]
+        for i in tqdm(todo, desc=f"{settings.attack} on {m}", disable=not progress):
+            trace = attack_one(
+                settings.attack,
+                lambda b, m=m: client.probabilities(m, b),
+                clean[i],
+                int(y[i]),
+                num_classes,
+                budget=settings.budget,
+                eps=settings.eps_255 / 255.0,
+                seed=settings.data.seed + i,
+            )
+            _append_trace(trace_file, i, trace)
+            done[i] = trace
+        attacked = [done[i] for i in sorted(done)]
+        entry: dict[str, Any] = {
+            "clean_accuracy": float((clean_pred == y).mean()),
+            "attacked": len(attacked),
+            "skipped": int((clean_pred != y).sum()),
+            "by_budget": summarize(attacked, budgets_for(settings.budget), decision_based=decision),
+            "traces": {str(i): t.to_dict() for i, t in sorted(done.items())},
+        }
+        if settings.attack == "boundary":
+            order = sorted(done)
+            entry["boundary_figure"] = boundary_figure(
+                clean[order], [done[i].best_adv for i in order]
+            )
+        models[m] = entry
+        shown = sorted(done)[:GRID_IMAGES]
+        if shown:
+            grid[m] = np.stack(
+                [done[i].best_adv if done[i].best_adv is not None else clean[i] for i in shown]
+            )
+            captions[m] = _label_text(client.predict(m, grid[m]), y[shown], info["classes"])
+    results = {
+        "kind": "query",
+        "config": {**_config(settings), "eps_255": settings.eps_255},
+        "decision_based": decision,
+        "dataset": info,
+        "models": models,
+        "queries": {m: asdict(client.counter(m)) for m in settings.endpoint.models},
+        "versions": _versions(),
+    }
+    write_results(out, results)
+    query_report(out, results)
+    if grid:
+        shown = sorted(next(iter(models.values()))["traces"], key=int)[:GRID_IMAGES]
+        idx = [int(i) for i in shown]
+        n = min(len(idx), *(len(g) for g in grid.values()))
+        image_grid(
+            out / "examples.png",
+            x[idx[:n]],
+            {m: g[:n] for m, g in grid.items()},
+            {m: c[:n] for m, c in captions.items()},
+            [f"true {info['classes'][t]}" for t in y[idx[:n]]],
+        )
+    client.close()
+    return results
+
+
+def _read_traces(path: Path) -> dict[int, Trace]:
+    done: dict[int, Trace] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill: that image is attacked again
+        trace = Trace(rec["queries"], rec["first_success"], [tuple(p) for p in rec["improvements"]])
+        if rec.get("best_adv") is not None:
+            trace.best_adv = np.asarray(rec["best_adv"], dtype=np.float32)
+        done[int(rec["index"])] = trace
+    return done
+
+
+def _append_trace(path: Path, index: int, trace: Trace) -> None:
+    rec = {
+        "index": index,
+        **trace.to_dict(),
+        "best_adv": None if trace.best_adv is None else trace.best_adv.round(6).tolist(),
+    }
+    with open(path, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+        fh.flush()

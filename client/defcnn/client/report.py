@@ -1,0 +1,187 @@
+"""The report folder: results.json (every number), report.md (tables), plots, image grid."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+from defcnn.checkpoint import atomic_write
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    atomic_write(
+        out / "results.json",
+        lambda tmp: tmp.write_text(json.dumps(results, indent=2, sort_keys=True, default=str)),
+    )
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def transfer_report(out: Path, results: dict[str, Any]) -> None:
+    rows = results["rows"]
+    columns = [
+        "target",
+        "attack",
+        "eps_255",
+        "images",
+        "accuracy_clean",
+        "accuracy_adversarial",
+        "transfer_accuracy",
+        "transfer_subset",
+        "success_rate",
+        "source_fooled",
+        "mean_linf",
+        "mean_l2",
+    ]
+    text = [
+        "# Transfer attack report",
+        "",
+        f"Endpoint `{results['config']['url']}`, surrogates: "
+        + ", ".join(f"`{s}`" for s in results["config"]["surrogates"]),
+        f"Data: {results['dataset']['source']} ({results['dataset']['images']} test images, "
+        f"seed {results['config']['seed']}). Adversarial images were rounded to uint8 before "
+        "they were sent; every number is judged on what was sent.",
+        "",
+        "`transfer_accuracy` is the paper's metric: the target's accuracy on adversarial "
+        "examples that fool the surrogate and whose clean image the target classifies "
+        "correctly (higher = more robust).",
+        "",
+        _table(rows, columns),
+        "",
+        f"Queries sent: {results['queries']}",
+        "",
+        "![robust accuracy vs eps](robust_accuracy.png)",
+        "",
+        "![examples](examples.png)",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(text))
+    _plot_transfer(out / "robust_accuracy.png", rows)
+
+
+def _plot_transfer(path: Path, rows: list[dict[str, Any]]) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
+    for target, attack in sorted({(r["target"], r["attack"]) for r in rows}):
+        pts = sorted(
+            (r["eps_255"], r["accuracy_adversarial"])
+            for r in rows
+            if r["target"] == target and r["attack"] == attack
+        )
+        ax.plot(
+            [p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{target} ({attack})"
+        )
+    ax.set_xlabel("eps (x/255)")
+    ax.set_ylabel("accuracy under attack (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def query_report(out: Path, results: dict[str, Any]) -> None:
+    text = [
+        "# Query attack report",
+        "",
+        f"Endpoint `{results['config']['url']}`, attack `{results['config']['attack']}` "
+        f"(ART {results['versions'].get('art', '?')}), budget {results['config']['budget']} "
+        f"queries per image, eps {results['config']['eps_255']}/255 (Square, SimBA).",
+        f"Data: {results['dataset']['source']}, seed {results['config']['seed']}. Images the "
+        "endpoint misclassifies when clean are not attacked (counted as `skipped`).",
+        "",
+    ]
+    columns = ["budget", "images", "success_rate", "mean_queries", "median_queries"]
+    if results["decision_based"]:
+        columns += ["median_l2", "l2_found"]
+    for model, entry in results["models"].items():
+        text += [
+            f"## {model}",
+            "",
+            f"clean accuracy {_fmt(entry['clean_accuracy'])}, "
+            f"attacked {entry['attacked']}, skipped {entry['skipped']}",
+            "",
+        ]
+        text += [_table(entry["by_budget"], columns), ""]
+        if "boundary_figure" in entry:
+            fig = entry["boundary_figure"]
+            text += [
+                f"Boundary figure ||delta||^2/(3HW): mean {_fmt(fig['mean'])}, median "
+                f"{_fmt(fig['median'])} over {fig['images']} images",
+                "",
+            ]
+    text += [f"Queries sent: {results['queries']}", ""]
+    text += ["![success vs queries](success_vs_queries.png)", "", "![examples](examples.png)", ""]
+    (out / "report.md").write_text("\n".join(text))
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
+    for model, entry in results["models"].items():
+        rows = entry["by_budget"]
+        ax.plot(
+            [r["budget"] for r in rows],
+            [100 * r["success_rate"] for r in rows],
+            marker="o",
+            label=model,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("queries per image")
+    ax.set_ylabel("success rate (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "success_vs_queries.png")
+    plt.close(fig)
+
+
+def image_grid(
+    path: Path,
+    clean: np.ndarray,
+    adversarial: dict[str, np.ndarray],
+    captions: dict[str, list[str]],
+    clean_captions: list[str],
+) -> None:
+    """Columns: clean, then one adversarial image per model, captioned with the label the
+    endpoint returned. Images are uint8 or float [N, 3, H, W]."""
+
+    def hwc(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+        return np.clip(x.transpose(1, 2, 0), 0, 1)
+
+    n = len(clean)
+    cols = 1 + len(adversarial)
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.7 * n), dpi=100, squeeze=False)
+    for i in range(n):
+        panels = [("clean", clean[i], clean_captions[i])] + [
+            (m, adv[i], captions[m][i]) for m, adv in adversarial.items()
+        ]
+        for j, (title, img, caption) in enumerate(panels):
+            ax = axes[i][j]
+            ax.imshow(hwc(img), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(caption, fontsize=7)
+            if i == 0:
+                ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

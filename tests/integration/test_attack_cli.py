@@ -1,0 +1,81 @@
+"""`defcnn attack transfer|query` against a real server: report folders, exact query counts,
+resume from disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from defcnn.cli import main
+from defcnn.protos import grpc_service_pb2 as pb
+from defcnn.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def surrogate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An independently trained standard surrogate (another seed, no masks)."""
+    out = tmp_path_factory.mktemp("surrogate") / "run"
+    cfg = TrainConfig(
+        arch="resnet18", width=0.125, dataset="digits", epochs=1, max_steps=20,
+        schedule="fast", seed=7, out=str(out),
+    )  # fmt: skip
+    train(cfg, progress=False)
+    return out / "model.safetensors"
+
+
+def _inference_count(server, model: str = "digits") -> int:
+    stats = server.stub().ModelStatistics(pb.ModelStatisticsRequest(name=model))
+    return stats.model_stats[0].inference_count
+
+
+def test_transfer_attack_report_counts_and_resume(server, surrogate, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "transfer"
+    argv = [
+        "attack", "transfer", "--url", server.address, "--model", "digits",
+        "--surrogate", str(surrogate), "--attack", "fgsm", "pgd", "--eps", "8", "16",
+        "--num-images", "12", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    before = _inference_count(server)
+    assert main(argv) == 0
+    assert "transfer metric" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert {p.name for p in out.iterdir()} >= {"results.json", "report.md", "robust_accuracy.png",
+                                               "examples.png"}  # fmt: skip
+    rows = results["rows"]
+    assert {(r["attack"], r["eps_255"]) for r in rows} == {
+        ("fgsm", 8.0), ("fgsm", 16.0), ("pgd", 8.0), ("pgd", 16.0)
+    }
+    for r in rows:
+        assert r["images"] == 12
+        assert r["mean_linf"] <= r["eps_255"] / 255 + 1e-9  # what was sent stays in the ball
+        assert 0.0 <= r["accuracy_adversarial"] <= 1.0
+    sent = 12 * (1 + 4)  # clean once, then each attack x eps
+    assert results["queries"]["digits"]["images"] == sent
+    assert _inference_count(server) - before == sent  # the server saw exactly what we counted
+    assert "transfer_accuracy" in (out / "report.md").read_text()
+    assert main(argv) == 0  # a rerun resumes from disk: nothing is crafted or sent again
+    assert _inference_count(server) - before == sent
+
+
+@pytest.mark.parametrize("attack", ["square", "hopskipjump"])
+def test_query_attack_report_and_exact_budget(server, tmp_path: Path, attack: str) -> None:
+    out = tmp_path / attack
+    argv = [
+        "attack", "query", "--url", server.address, "--model", "digits", "--attack", attack,
+        "--budget", "40", "--eps", "16", "--num-images", "4", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    before = _inference_count(server)
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    entry = results["models"]["digits"]
+    assert [r["budget"] for r in entry["by_budget"]] == [10, 40]
+    for trace in entry["traces"].values():
+        assert trace["queries"] <= 40
+    attack_queries = sum(t["queries"] for t in entry["traces"].values())
+    assert results["queries"]["digits"]["images"] == 4 + attack_queries
+    assert _inference_count(server) - before == 4 + attack_queries
+    if attack == "hopskipjump":
+        assert "median_l2" in entry["by_budget"][-1]
+    assert (out / "success_vs_queries.png").exists() and (out / "report.md").exists()
