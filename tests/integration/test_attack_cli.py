@@ -30,7 +30,9 @@ def _inference_count(server, model: str = "digits") -> int:
     return stats.model_stats[0].inference_count
 
 
-def test_transfer_attack_report_counts_and_resume(server, surrogate, tmp_path: Path, capsys) -> None:
+def test_transfer_attack_report_counts_and_resume(
+    server, surrogate, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "transfer"
     argv = [
         "attack", "transfer", "--url", server.address, "--model", "digits",
@@ -45,13 +47,16 @@ def test_transfer_attack_report_counts_and_resume(server, surrogate, tmp_path: P
                                                "examples.png"}  # fmt: skip
     rows = results["rows"]
     assert {(r["attack"], r["eps_255"]) for r in rows} == {
-        ("fgsm", 8.0), ("fgsm", 16.0), ("pgd", 8.0), ("pgd", 16.0)
+        ("fgsm", 8.0),
+        ("fgsm", 16.0),
+        ("pgd", 8.0),
+        ("pgd", 16.0),
     }
     for r in rows:
         assert r["images"] == 12
         assert r["mean_linf"] <= r["eps_255"] / 255 + 1e-9  # what was sent stays in the ball
         assert 0.0 <= r["accuracy_adversarial"] <= 1.0
-    sent = 12 * (1 + 4)  # clean once, then each attack x eps
+    sent = 12 * (1 + 4) + 1  # clean once, each attack x eps, and the client's label lookup
     assert results["queries"]["digits"]["images"] == sent
     assert _inference_count(server) - before == sent  # the server saw exactly what we counted
     assert "transfer_accuracy" in (out / "report.md").read_text()
@@ -74,8 +79,10 @@ def test_query_attack_report_and_exact_budget(server, tmp_path: Path, attack: st
     for trace in entry["traces"].values():
         assert trace["queries"] <= 40
     attack_queries = sum(t["queries"] for t in entry["traces"].values())
-    assert results["queries"]["digits"]["images"] == 4 + attack_queries
-    assert _inference_count(server) - before == 4 + attack_queries
+    assert entry["attacked"] >= 1 and attack_queries > 0
+    # the clean pass, the client's one-time label lookup, then every query of the attack
+    assert results["queries"]["digits"]["images"] == 4 + 1 + attack_queries
+    assert _inference_count(server) - before == 4 + 1 + attack_queries
     if attack == "hopskipjump":
         assert "median_l2" in entry["by_budget"][-1]
     assert (out / "success_vs_queries.png").exists() and (out / "report.md").exists()

@@ -341,59 +341,8 @@ def test_bearer_token_auth(repo, launch, tmp_path: Path) -> None:
         assert srv.stop() == 0
 
 
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all test-made."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def make(name: str, issuer=None, issuer_key=None, ca=False, ip=False):
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        builder = (
-            x509.CertificateBuilder().subject_name(subject)
-            .issuer_name(issuer.subject if issuer else subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )  # fmt: skip
-        if ip:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False,
-            )
-        cert = builder.sign(issuer_key or key, hashes.SHA256())
-        return cert, key
-
-    ca, ca_key = make("test-ca", ca=True)
-    files = {}
-    for name, (cert, key) in {
-        "ca": (ca, ca_key),
-        "server": make("127.0.0.1", ca, ca_key, ip=True),
-        "client": make("client", ca, ca_key),
-    }.items():
-        files[f"{name}.crt"] = folder / f"{name}.crt"
-        files[f"{name}.key"] = folder / f"{name}.key"
-        files[f"{name}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        files[f"{name}.key"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return files
-
-
-def test_tls_and_mutual_tls(repo, launch, tmp_path: Path) -> None:
-    f = _certificates(tmp_path)
+def test_tls_and_mutual_tls(repo, launch, certificates: dict[str, Path]) -> None:
+    f = certificates
     srv = launch.start(
         repo.root, "--tls-cert", str(f["server.crt"]), "--tls-key", str(f["server.key"]),
         "--tls-ca", str(f["ca.crt"]),

@@ -36,6 +36,7 @@ class Trace:
     first_success: int | None = None  # 1-based index of the first misclassified query
     improvements: list[tuple[int, float]] = field(default_factory=list)  # (query, best L2)
     best_adv: np.ndarray | None = None
+    best_label: int | None = None  # what the endpoint answered for best_adv
 
     def best_l2_at(self, budget: int) -> float | None:
         """Smallest L2 of a misclassified query among the first `budget` queries."""
@@ -51,6 +52,7 @@ class Trace:
             "queries": self.queries,
             "first_success": self.first_success,
             "improvements": self.improvements,
+            "best_label": self.best_label,
         }
 
 
@@ -81,6 +83,7 @@ class Oracle:
                 if l2 < best:
                     self.trace.improvements.append((self.trace.queries, l2))
                     self.trace.best_adv = row.copy()
+                    self.trace.best_label = int(np.argmax(p))
         if len(sent) < len(x):
             raise _BudgetSpent
         return probs

@@ -269,6 +269,7 @@ def run_query(settings: QuerySettings, *, progress: bool = True) -> dict[str, An
     models: dict[str, Any] = {}
     grid: dict[str, np.ndarray] = {}
     captions: dict[str, list[str]] = {}
+    grid_index: dict[str, list[int]] = {}
     for m in settings.endpoint.models:
         num_classes = client.info(m).num_classes
         clean_pred = _cached(
@@ -305,11 +306,12 @@ def run_query(settings: QuerySettings, *, progress: bool = True) -> dict[str, An
             )
         models[m] = entry
         shown = sorted(done)[:GRID_IMAGES]
-        if shown:
-            grid[m] = np.stack(
-                [done[i].best_adv if done[i].best_adv is not None else clean[i] for i in shown]
-            )
-            captions[m] = _label_text(client.predict(m, grid[m]), y[shown], info["classes"])
+        if shown:  # captions from what the endpoint answered during the attack: no new queries
+            grid[m] = np.stack([_best_or_clean(done[i], clean[i]) for i in shown])
+            labels = [done[i].best_label if done[i].best_label is not None else int(clean_pred[i])
+                      for i in shown]  # fmt: skip
+            captions[m] = _label_text(np.asarray(labels), y[shown], info["classes"])
+            grid_index[m] = shown
     results = {
         "kind": "query",
         "config": {**_config(settings), "eps_255": settings.eps_255},
@@ -322,18 +324,19 @@ def run_query(settings: QuerySettings, *, progress: bool = True) -> dict[str, An
     write_results(out, results)
     query_report(out, results)
     if grid:
-        shown = sorted(next(iter(models.values()))["traces"], key=int)[:GRID_IMAGES]
-        idx = [int(i) for i in shown]
-        n = min(len(idx), *(len(g) for g in grid.values()))
+        first_model = next(iter(grid))
+        idx = grid_index[first_model]
+        same = {m: g for m, g in grid.items() if grid_index[m] == idx}
         image_grid(
-            out / "examples.png",
-            x[idx[:n]],
-            {m: g[:n] for m, g in grid.items()},
-            {m: c[:n] for m, c in captions.items()},
-            [f"true {info['classes'][t]}" for t in y[idx[:n]]],
-        )
+            out / "examples.png", x[idx], same, {m: captions[m] for m in same},
+            [f"true {info['classes'][t]}" for t in y[idx]],
+        )  # fmt: skip
     client.close()
     return results
+
+
+def _best_or_clean(trace: Trace, clean: np.ndarray) -> np.ndarray:
+    return trace.best_adv if trace.best_adv is not None else clean
 
 
 def _read_traces(path: Path) -> dict[int, Trace]:
@@ -346,6 +349,7 @@ def _read_traces(path: Path) -> dict[int, Trace]:
         except json.JSONDecodeError:
             continue  # a line cut by a kill: that image is attacked again
         trace = Trace(rec["queries"], rec["first_success"], [tuple(p) for p in rec["improvements"]])
+        trace.best_label = rec.get("best_label")
         if rec.get("best_adv") is not None:
             trace.best_adv = np.asarray(rec["best_adv"], dtype=np.float32)
         done[int(rec["index"])] = trace
