@@ -13,33 +13,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import art
 import torch
 import torch.nn.functional as F
+from _machine import machine
 from torch import nn
 
 from defcnn.client.attacks import PGD
 from defcnn.models import create_model
 
 EPS, STEP, STEPS = 16 / 255, 1 / 255, 20
-
-
-def machine() -> str:
-    """CPU model and the threads torch uses."""
-    model = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def fwd_bwd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weights: bool) -> None:
@@ -101,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     model.zero_grad(set_to_none=True)
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"machine: {machine()}")
+    print(f"machine: {machine(torch.get_num_threads())}")
     print(f"torch {torch.__version__}, ART {art.__version__}, resnet18 width {args.width}, "
           f"batch {args.batch_size}, {size}x{size}, {args.repeats} repeats (medians)")  # fmt: skip
     print(f"{'run':<28} {'s/batch':>9} {'images/s':>10}")

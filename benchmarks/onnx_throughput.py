@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -21,22 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _machine import machine
 from tqdm import tqdm
 
 from defcnn.export.onnx_graph import to_onnx
 from defcnn.export.verify import ort_session
 from defcnn.models import create_model
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def seconds_per_batch(run: Callable[[], object], min_seconds: float) -> float:
@@ -104,8 +93,8 @@ def main() -> None:
         for b in args.batches
     }  # fmt: skip
     result = {
-        "machine": machine(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-        "width": args.width, "repeats": args.repeats, "rows": rows,
+        "machine": machine(torch.get_num_threads()), "torch": torch.__version__,
+        "onnxruntime": ort.__version__, "width": args.width, "repeats": args.repeats, "rows": rows,
         "onnxruntime_latency_ratio_defective_over_standard": mask_cost,
     }  # fmt: skip
     print(

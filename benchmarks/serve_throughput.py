@@ -35,6 +35,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import torch
+from _machine import machine
 
 from defcnn.checkpoint import save_checkpoint
 from defcnn.export.exporter import ExportSettings, export
@@ -67,13 +68,6 @@ with Triton(config=config) as triton:
     print("TRITON READY", flush=True)
     triton.serve()
 """
-
-
-def machine() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return "unknown CPU"
 
 
 def build_repo(root: Path) -> Path:

@@ -20,24 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import machine
 from tqdm import tqdm
 
 from defcnn.models import create_model
 from defcnn.training.distributed import pick_device
-
-
-def machine(device: torch.device) -> str:
-    """CPU model and cores, or the GPU's name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def time_steps(
@@ -99,7 +86,11 @@ def main() -> None:
     names = list(variants)
     ratios = [d / s for s, d in zip(rates[names[0]], rates[names[1]], strict=True)]
     result = {
-        "machine": machine(device),
+        "machine": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else machine(torch.get_num_threads())
+        ),
         "device": str(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
