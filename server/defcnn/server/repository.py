@@ -102,8 +102,11 @@ class ModelRepository:
             log.error("model %s: unreadable config.pbtxt: %s", name, exc)
             reason = f"unreadable config.pbtxt: {exc}"
             return {0: ModelVersion(name, 0, model_config_pb2.ModelConfig(), [], "", reason=reason)}
-        labels_file = model_dir / (config.output[0].label_filename if config.output else "")
-        labels = labels_file.read_text().splitlines() if labels_file.is_file() else []
+        label_name = config.output[0].label_filename if config.output else ""
+        labels = []
+        if label_name and Path(label_name).name == label_name and label_name != "..":
+            labels_file = model_dir / label_name  # a plain name inside the model's folder only
+            labels = labels_file.read_text().splitlines() if labels_file.is_file() else []
         versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
         loaded = {}
         for v in versions:
