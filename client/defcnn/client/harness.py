@@ -235,19 +235,11 @@ def run_transfer(settings: TransferSettings, *, progress: bool = True) -> dict[s
 
 
 def _config(settings: TransferSettings | QuerySettings) -> dict[str, Any]:
+    """The run's settings for results.json (the token file's path, never the token)."""
     cfg = asdict(settings)
     endpoint = cfg.pop("endpoint")
-    return {
-        **cfg,
-        "url": endpoint["url"],
-        "models": endpoint["models"],
-        "seed": settings.data.seed,
-        **(
-            {"surrogates": list(settings.surrogates)}
-            if isinstance(settings, TransferSettings)
-            else {}
-        ),
-    }
+    cfg.update(url=endpoint["url"], models=list(endpoint["models"]), seed=settings.data.seed)
+    return cfg
 
 
 def budgets_for(budget: int) -> list[int]:
