@@ -256,16 +256,16 @@ CIFAR_JPEG = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "c
 @pytest.mark.data
 @pytest.mark.skipif(not CIFAR_JPEG.exists(), reason=f"{CIFAR_JPEG} is absent")
 def test_white_box_success_at_16_on_a_small_cifar_model(tmp_path_factory) -> None:
-    """The issue's bar (>= 99% at 16/255) on natural images, where it is meaningful.
+    """The issue's bar: every gradient attack >= 99% at 16/255 on an undefended small model.
 
     Digits' blown-up 8x8 strokes resist 16/255 even undefended (see the digits tests
-    above); an undefended small CIFAR-10 model does not. FGSM, a single step, is held to
-    90%: one linear step overshoots or undershoots on a curved loss surface, a known
-    limit of the method rather than of this implementation (it matches ART exactly).
+    above), so the bar is checked on natural images: a two-layer CNN trained for four
+    epochs on 12,000 CIFAR-10 images (about 40 s on 2 cores).
     """
     import torch.nn.functional as F
 
-    from defcnn.models import create_model
+    from defcnn.layers import Normalize
+    from defcnn.layers.normalize import CIFAR10_MEAN, CIFAR10_STD
 
     data = load_dataset("imagefolder", CIFAR_JPEG, cache_dir=tmp_path_factory.mktemp("cache"),
                         progress=False)  # fmt: skip
@@ -275,8 +275,13 @@ def test_white_box_success_at_16_on_a_small_cifar_model(tmp_path_factory) -> Non
     x = torch.from_numpy(data.train_x[train_idx]).float() / 255
     y = torch.from_numpy(data.train_y[train_idx])
     torch.manual_seed(0)
-    model = create_model("resnet18", width=0.125)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model = nn.Sequential(
+        Normalize(CIFAR10_MEAN, CIFAR10_STD),
+        nn.Conv2d(3, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+    )  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(4):
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 64):
@@ -290,11 +295,10 @@ def test_white_box_success_at_16_on_a_small_cifar_model(tmp_path_factory) -> Non
     yt = torch.from_numpy(data.test_y[test_idx])
     with torch.no_grad():
         right = model(xt).argmax(1) == yt
-    assert right.float().mean() > 0.4  # a real classifier, not chance
+    assert right.float().mean() > 0.5  # a real classifier (chance is 0.1)
     xs, ys = xt[right], yt[right]
-    bars = {"pgd": 0.99, "mifgsm": 0.99, "difgsm": 0.99, "fgsm": 0.90}
-    for name, bar in bars.items():
+    for name in ("fgsm", "pgd", "mifgsm", "difgsm"):
         adv = quantize(make_attack(name, 16 / 255)(model, xs, ys), xs, 16 / 255)
         with torch.no_grad():
             success = (model(adv).argmax(1) != ys).float().mean().item()
-        assert success >= bar, f"{name}: {success:.3f} < {bar}"
+        assert success >= 0.99, f"{name}: {success:.3f} < 0.99"
