@@ -74,10 +74,6 @@ class DynamicBatcher:
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    @property
     def idle(self) -> bool:
         return not self._queue and not self._busy
 

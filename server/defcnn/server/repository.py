@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ class ModelVersion:
     num_classes: int = 0
     max_batch_size: int = 0
     device: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def parse_config(path: Path) -> model_config_pb2.ModelConfig:
