@@ -27,10 +27,14 @@ def test_train_then_evaluate_reports_the_same_accuracy(
         "checkpoint-last.safetensors", "config.json", "metrics.json", "model.safetensors",
     ]  # fmt: skip
     assert json.loads((out / "config.json").read_text())["batch_size"] == 32
-    assert main(["evaluate", str(out / "model.safetensors"), "--dataset", "digits"]) == 0
-    scores = json.loads(capsys.readouterr().out)
-    assert scores["count"] == len(load_dataset("digits", progress=False).test_y)
-    assert scores["accuracy"] == pytest.approx(trained["test_accuracy"])
+    report = tmp_path / "eval.json"
+    argv = ["evaluate", str(out / "model.safetensors"), "--dataset", "digits", "--out", str(report)]
+    assert main(argv) == 0
+    assert "| clean | - | " in capsys.readouterr().out
+    scores = json.loads(report.read_text())
+    assert scores["images"] == len(load_dataset("digits", progress=False).test_y)
+    assert [r["corruption"] for r in scores["rows"]] == ["clean"]
+    assert scores["rows"][0]["run"] == pytest.approx(trained["test_accuracy"])
     meta = load_checkpoint(out / "model.safetensors").meta
     assert meta["classes"] == [str(i) for i in range(10)]
     assert meta["normalization"]["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])

@@ -97,33 +97,84 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a data set's test split")
-    p.add_argument("checkpoint")
+    p = sub.add_parser(
+        "evaluate", help="accuracy of checkpoints on a test split, clean or corrupted"
+    )
+    p.add_argument("checkpoint", nargs="+", help="one or more checkpoints (compared side by side)")
     _add_data_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument(
+        "--patch-shuffle", type=int, nargs="*", metavar="K",
+        help="also shuffle KxK grids of patches (shape-vs-texture probe; bare flag: 2 4 8)",
+    )  # fmt: skip
+    p.add_argument(
+        "--noise", type=float, nargs="*", metavar="SIGMA",
+        help="also add Gaussian noise of these sigmas, in [0,1] pixels (bare flag: 0.05 0.1)",
+    )  # fmt: skip
+    p.add_argument("--num-images", type=int, help="evaluate on a seeded subset of the test split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and corruptions")
+    p.add_argument("--out", help="write the results here as JSON (and a .md table beside it)")
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _run_name(path: str, taken: set[str]) -> str:
+    """A checkpoint's short name: its run folder for .../model.safetensors, else its stem."""
+    p = Path(path)
+    name = p.parent.name if p.stem in ("model", "checkpoint-last") and p.parent.name else p.stem
+    base, i = name, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    taken.add(name)
+    return name
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from defcnn.checkpoint import load_model
+    import numpy as np
+
+    from defcnn.checkpoint import load_model, write_json
     from defcnn.data import load_dataset
-    from defcnn.training import evaluate
+    from defcnn.robustness import corruption_table, evaluate_corruptions
     from defcnn.training.distributed import pick_device
 
     device = pick_device(args.device)
-    model, ckpt = load_model(args.checkpoint, device)
+    taken: set[str] = set()
+    loaded = {_run_name(p, taken): load_model(p, device) for p in args.checkpoint}
+    sizes = {ckpt.spec.resolved_input_size for _, ckpt in loaded.values()}
+    if len(sizes) > 1 and not args.image_size:
+        raise ConfigError(f"the checkpoints take different input sizes {sorted(sizes)}")
     data = load_dataset(
-        args.dataset, args.data_dir, image_size=args.image_size or ckpt.spec.resolved_input_size,
+        args.dataset, args.data_dir, image_size=args.image_size or sizes.pop(),
         download=args.download,
     )  # fmt: skip
-    if ckpt.classes and list(data.classes) != ckpt.classes:
-        raise ConfigError(
-            f"the checkpoint's classes {ckpt.classes} differ from the data set's "
-            f"{list(data.classes)}"
-        )
-    scores = evaluate(model, data.test_x, data.test_y, batch_size=args.batch_size, device=device)
-    print(json.dumps({"checkpoint": args.checkpoint, "dataset": data.source, **scores}, indent=2))
+    for name, (_, ckpt) in loaded.items():
+        if ckpt.classes and list(data.classes) != ckpt.classes:
+            raise ConfigError(
+                f"{name}: the checkpoint's classes {ckpt.classes} differ from the data set's "
+                f"{list(data.classes)}"
+            )
+    x, y = data.test_x, data.test_y
+    if args.num_images is not None:
+        if args.num_images < 1:
+            raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
+        idx = np.sort(np.random.default_rng(args.seed).permutation(len(y))[: args.num_images])
+        x, y = x[idx], y[idx]
+    grids = [] if args.patch_shuffle is None else (args.patch_shuffle or [2, 4, 8])
+    sigmas = [] if args.noise is None else (args.noise or [0.05, 0.1])
+    rows = evaluate_corruptions(
+        {name: model for name, (model, _) in loaded.items()}, x, y, grids=grids,
+        sigmas=sigmas, seed=args.seed, device=device, batch_size=args.batch_size,
+    )  # fmt: skip
+    result = {
+        "dataset": data.source, "images": len(y), "seed": args.seed,
+        "checkpoints": {name: p for name, p in zip(loaded, args.checkpoint, strict=True)},
+        "rows": rows,
+    }  # fmt: skip
+    table = corruption_table(rows, list(loaded))
+    if args.out:
+        write_json(Path(args.out), result)
+        Path(args.out).with_suffix(".md").write_text(table + "\n")
+    print(table)
     return EXIT_OK
 
 
