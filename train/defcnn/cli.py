@@ -413,6 +413,55 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="the whole pipeline: train, export, serve, attack, compare (default: digits)"
+    )
+    p.add_argument("--out", default="runs/demo", help="run folder (a rerun resumes from it)")
+    _add_data_args(p)
+    p.add_argument("--arch", choices=ARCH_NAMES, default="resnet18", help="both targets' arch")
+    p.add_argument("--width", type=_positive_float, default=0.25, help="default: 0.25")
+    p.add_argument("--epochs", type=int, default=3, help="default: 3")
+    p.add_argument("--keep-prob", type=_keep_prob, default=0.1, help="defective target")
+    p.add_argument("--seed", type=int, default=0, help="targets, data sample and attacks")
+    p.add_argument("--surrogate-arch", choices=ARCH_NAMES, help="default: same as --arch")
+    p.add_argument("--surrogate-width", type=_positive_float, help="default: --width")
+    p.add_argument("--surrogate-seed", type=int, help="default: --seed + 1")
+    p.add_argument("--extra-surrogate", action="append", default=[],
+                   help="another surrogate checkpoint for the ensemble (repeatable)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="training and crafting: auto, cpu, cuda")
+    p.add_argument("--attack", nargs="+", default=["fgsm", "pgd", "mifgsm"],
+                   choices=("fgsm", "pgd", "mifgsm", "difgsm", "cwl2"))  # fmt: skip
+    p.add_argument("--eps", type=_positive_float, nargs="+", default=[8.0, 16.0, 32.0],
+                   help="transfer L-inf budgets in 1/255 units")  # fmt: skip
+    p.add_argument("--num-images", type=int, default=100, help="transfer-attack images")
+    p.add_argument("--query-attack", default="square",
+                   choices=("square", "hopskipjump", "boundary", "simba"))  # fmt: skip
+    p.add_argument("--budget", type=int, default=500, help="queries per image (default 500)")
+    p.add_argument("--query-images", type=int, default=20, help="query-attack images")
+    p.add_argument("--query-eps", type=_positive_float, default=16.0, help="square/simba L-inf")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from defcnn.demo.pipeline import DemoSettings, run_demo
+
+    if args.image_size or args.download:
+        raise ConfigError("the demo takes a data set as it is: no --image-size or --download")
+    settings = DemoSettings(
+        out=args.out, dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
+        width=args.width, epochs=args.epochs, keep_prob=args.keep_prob, seed=args.seed,
+        surrogate_arch=args.surrogate_arch, surrogate_width=args.surrogate_width,
+        surrogate_seed=args.surrogate_seed, device=args.device, attacks=tuple(args.attack),
+        eps_255=tuple(args.eps), num_images=args.num_images, query_attack=args.query_attack,
+        query_budget=args.budget, query_images=args.query_images, query_eps_255=args.query_eps,
+        extra_surrogates=tuple(args.extra_surrogate),
+    )  # fmt: skip
+    run_demo(settings, progress=not args.quiet)
+    return EXIT_OK
+
+
 _PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _train_parser,
     _evaluate_parser,
@@ -420,6 +469,7 @@ _PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _serve_parser,
     _attack_parser,
     _classify_parser,
+    _demo_parser,
 )
 
 

@@ -1,0 +1,192 @@
+"""The demo's stages in order: train three models, export two, serve them, attack both
+endpoints (transfer and query-based), and compare them side by side.
+
+Every stage leaves its output in the run folder and is skipped when a rerun finds it
+there, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from defcnn.checkpoint import write_json
+from defcnn.demo.local_server import local_server, sigterm_as_interrupt
+from defcnn.demo.summary import summarize, write_summary
+from defcnn.errors import ConfigError
+
+TARGETS = ("standard", "defective")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo trains and how hard it attacks; the defaults fit 2 CPU cores."""
+
+    out: str = "runs/demo"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    arch: str = "resnet18"
+    width: float = 0.25
+    epochs: int = 3
+    keep_prob: float = 0.1
+    seed: int = 0
+    surrogate_arch: str | None = None
+    surrogate_width: float | None = None
+    surrogate_seed: int | None = None
+    device: str = "auto"
+    attacks: tuple[str, ...] = ("fgsm", "pgd", "mifgsm")
+    eps_255: tuple[float, ...] = (8.0, 16.0, 32.0)
+    num_images: int = 100
+    query_attack: str = "square"
+    query_budget: int = 500
+    query_images: int = 20
+    query_eps_255: float = 16.0
+    extra_surrogates: tuple[str, ...] = field(default_factory=tuple)
+
+    def check(self) -> None:
+        for name in ("epochs", "num_images", "query_images", "query_budget"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if not self.attacks or not self.eps_255:
+            raise ConfigError("at least one transfer attack and one eps are needed")
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _without_out(config: dict[str, Any]) -> dict[str, Any]:
+    """A training config minus its folder, so a moved run folder still matches."""
+    return {k: v for k, v in config.items() if k != "out"}
+
+
+def train_models(s: DemoSettings, models: Path, *, progress: bool) -> dict[str, dict[str, Any]]:
+    """Standard and defective targets (same seed), and a surrogate trained independently."""
+    from defcnn.training import TrainConfig, train
+
+    base = TrainConfig(
+        arch=s.arch, width=s.width, dataset=s.dataset, data_dir=s.data_dir, epochs=s.epochs,
+        seed=s.seed, device=s.device, schedule="fast" if s.epochs < 100 else "paper", out="",
+    )  # fmt: skip
+    configs = {
+        "standard": replace(base, out=str(models / "standard")),
+        "defective": replace(
+            base, defective=True, keep_prob=s.keep_prob, out=str(models / "defective")
+        ),
+        "surrogate": replace(
+            base,
+            arch=s.surrogate_arch or s.arch,
+            width=s.surrogate_width or s.width,
+            seed=s.seed + 1 if s.surrogate_seed is None else s.surrogate_seed,
+            out=str(models / "surrogate"),
+        ),
+    }
+    metrics = {}
+    for name, cfg in configs.items():
+        out = Path(cfg.out)
+        saved = out / "config.json"
+        if saved.exists() and _without_out(json.loads(saved.read_text())) != _without_out(
+            cfg.to_dict()
+        ):
+            raise ConfigError(f"{out} holds a model trained with other settings; use another --out")
+        if (out / "model.safetensors").exists() and (out / "metrics.json").exists():
+            _log(f"  {name}: reusing {out}")
+            metrics[name] = json.loads((out / "metrics.json").read_text())
+            continue
+        _log(f"  {name}: {cfg.arch} width {cfg.width:g}, seed {cfg.seed}"
+             + (f", defective keep {cfg.keep_prob:g}" if cfg.defective else ""))  # fmt: skip
+        metrics[name] = train(cfg, resume=True, progress=progress)
+    return metrics
+
+
+def export_targets(models: Path, repo: Path) -> None:
+    """Both targets into one model repository (version 1), each verified against PyTorch."""
+    from defcnn.export.exporter import ExportSettings, export
+
+    for name in TARGETS:
+        if (repo / name / "1" / "model.onnx").exists():
+            _log(f"  {name}: reusing {repo / name}")
+            continue
+        export(ExportSettings(checkpoint=str(models / name / "model.safetensors"),
+                              repo=str(repo), name=name, version=1))  # fmt: skip
+        _log(f"  {name}: {repo / name / '1' / 'model.onnx'} (verified against PyTorch)")
+
+
+def attack_endpoints(
+    s: DemoSettings, url: str, models: Path, out: Path, *, progress: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A transfer attack from the surrogate(s) and a query attack, both over gRPC."""
+    from defcnn.client.harness import (
+        DataChoice,
+        Endpoint,
+        QuerySettings,
+        TransferSettings,
+        run_query,
+        run_transfer,
+    )
+
+    endpoint = Endpoint(url=url, models=TARGETS)
+    surrogates = (str(models / "surrogate" / "model.safetensors"), *s.extra_surrogates)
+    transfer = run_transfer(
+        TransferSettings(
+            endpoint=endpoint, surrogates=surrogates, attacks=s.attacks, eps_255=s.eps_255,
+            data=DataChoice(s.dataset, s.data_dir, s.num_images, s.seed),
+            out=str(out / "transfer"),
+        ),
+        progress=progress,
+    )  # fmt: skip
+    query = run_query(
+        QuerySettings(
+            endpoint=endpoint, attack=s.query_attack, budget=s.query_budget,
+            eps_255=s.query_eps_255,
+            data=DataChoice(s.dataset, s.data_dir, s.query_images, s.seed),
+            out=str(out / "query"),
+        ),
+        progress=progress,
+    )  # fmt: skip
+    return transfer, query
+
+
+def run_demo(
+    s: DemoSettings, *, progress: bool = True, on_server: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Run every stage; the server started here is stopped however this function exits."""
+    s.check()
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models, repo = out / "models", out / "repo"
+    times: dict[str, float] = {}
+    start = time.monotonic()
+
+    def stage(name: str) -> None:
+        times[name] = round(time.monotonic() - start - sum(times.values()), 1)
+
+    with sigterm_as_interrupt():
+        _log(f"[1/5] training standard, defective and surrogate models on {s.dataset}")
+        train_metrics = train_models(s, models, progress=progress)
+        stage("train")
+        _log(f"[2/5] exporting both targets to {repo}")
+        export_targets(models, repo)
+        stage("export")
+        _log("[3/5] starting the server")
+        with local_server(repo, out / "server.log") as server:
+            write_json(out / "server.json", {"url": server.url, "pid": server.pid})
+            _log(f"  serving {', '.join(TARGETS)} on {server.url} (log: {server.log})")
+            if on_server:
+                on_server(server.url)
+            stage("serve")
+            _log(f"[4/5] attacking both endpoints over gRPC (reports in {out})")
+            transfer, query = attack_endpoints(s, server.url, models, out, progress=progress)
+            stage("attack")
+        _log("[5/5] summary")
+        summary = summarize(s, train_metrics, transfer, query, times)
+        write_summary(out, summary)
+        stage("summary")
+    summary["seconds"] = dict(times, total=round(time.monotonic() - start, 1))
+    summary["settings"] = asdict(s)
+    write_json(out / "summary.json", summary)
+    return summary

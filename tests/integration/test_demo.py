@@ -1,0 +1,141 @@
+"""`defcnn demo` end to end on the embedded digits: every stage's output, the side-by-side
+table, resume from the run folder, and the server stopped however the demo ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from defcnn.cli import EXIT_INTERRUPTED, EXIT_USAGE, main
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--width", "0.125", "--epochs", "1", "--attack", "fgsm", "--eps", "16",
+        "--num-images", "16", "--budget", "20", "--query-images", "4", "--quiet"]  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One complete tiny demo run: its folder and what it printed."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "defcnn.cli", "demo", "--out", str(out), *TINY],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_demo_runs_every_stage_and_prints_the_comparison(finished: tuple[Path, str]) -> None:
+    out, stdout = finished
+    for i in range(1, 6):
+        assert f"[{i}/5]" in stdout
+    assert "| transfer FGSM 16/255 | accuracy under attack |" in stdout
+    assert "| query square (20 queries/image) | success rate |" in stdout
+    for name in ("standard", "defective", "surrogate"):
+        assert (out / "models" / name / "model.safetensors").exists()
+    for name in ("standard", "defective"):
+        assert (out / "repo" / name / "1" / "model.onnx").exists()
+    defective = json.loads((out / "models" / "defective" / "config.json").read_text())
+    surrogate = json.loads((out / "models" / "surrogate" / "config.json").read_text())
+    assert defective["defective"] and defective["keep_prob"] == 0.1
+    assert not surrogate["defective"] and surrogate["seed"] == 1  # independently trained
+    summary = json.loads((out / "summary.json").read_text())
+    transfer = json.loads((out / "transfer" / "results.json").read_text())
+    query = json.loads((out / "query" / "results.json").read_text())
+    assert {r["target"] for r in transfer["rows"]} == {"standard", "defective"}
+    assert set(query["models"]) == {"standard", "defective"}
+    # the table's numbers are the reports' numbers
+    rows = {(r["setting"], r["measure"]): r for r in summary["rows"]}
+    under = rows[("transfer FGSM 16/255", "accuracy under attack")]
+    for r in transfer["rows"]:
+        assert under[r["target"]] == r["accuracy_adversarial"]
+    rate = rows[("query square (20 queries/image)", "success rate")]
+    for m, entry in query["models"].items():
+        assert rate[m] == entry["by_budget"][-1]["success_rate"]
+    assert summary["queries"]["standard"] == (
+        transfer["queries"]["standard"]["images"] + query["queries"]["standard"]["images"]
+    )
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| setting | measure | standard | defective |" in (out / "summary.md").read_text()
+    server = json.loads((out / "server.json").read_text())
+    assert not _alive(server["pid"])  # the demo stopped the server it started
+
+
+def test_a_rerun_reuses_every_stage(finished: tuple[Path, str], capsys) -> None:
+    out, _ = finished
+    model = out / "models" / "standard" / "model.safetensors"
+    before = model.stat().st_mtime_ns
+    summary_before = json.loads((out / "summary.json").read_text())
+    assert main(["demo", "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reusing") == 5  # three models, two exports
+    assert model.stat().st_mtime_ns == before
+    after = json.loads((out / "summary.json").read_text())
+    assert after["rows"] == summary_before["rows"]  # the attacks were resumed from disk
+
+
+def test_other_training_settings_in_the_same_folder_are_refused(
+    finished: tuple[Path, str], capsys
+) -> None:
+    out, _ = finished
+    argv = ["demo", "--out", str(out), *TINY, "--keep-prob", "0.5"]
+    assert main(argv) == EXIT_USAGE
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_the_server_is_stopped_when_the_demo_is_interrupted(
+    finished: tuple[Path, str], tmp_path: Path, how: signal.Signals
+) -> None:
+    trained, _ = finished
+    out = tmp_path / "run"
+    for part in ("models", "repo"):  # trained already: the demo goes straight to serving
+        shutil.copytree(trained / part, out / part)
+    long = [*TINY, "--budget", "100000", "--query-images", "50", "--attack", "pgd"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "defcnn.cli", "demo", "--out", str(out), *long],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "server.json").exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "the demo never started its server"
+        time.sleep(0.1)
+    pid = json.loads((out / "server.json").read_text())["pid"]
+    assert _alive(pid)
+    time.sleep(1.0)  # into the attack stage
+    os.kill(proc.pid, how)
+    code = proc.wait(timeout=60)
+    if how == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:
+        assert code == EXIT_INTERRUPTED
+        assert "interrupted" in (proc.stderr.read() if proc.stderr else "")
+    assert _wait_gone(pid), "the server outlived the demo"
