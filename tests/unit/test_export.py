@@ -21,7 +21,8 @@ from defcnn.cli import EXIT_ERROR, EXIT_USAGE, main
 from defcnn.errors import ConfigError, ExportError
 from defcnn.export.exporter import ExportSettings, export
 from defcnn.export.onnx_graph import mask_muls, read_metadata
-from defcnn.export.tensorrt_engine import check_engine, engine_name, parse_engine_name
+from defcnn.export.tensorrt_engine import check_engine
+from defcnn.names import engine_name, parse_engine_name
 from defcnn.training import TrainConfig, train
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()

@@ -19,8 +19,7 @@ def _readme_commands() -> list[str]:
 def test_readme_opens_with_two_setup_commands_and_ci_runs_the_second() -> None:
     commands = _readme_commands()
     assert len(commands) == 2
-    assert commands[0].startswith("pip install -e . && defcnn train")
-    assert "--dataset digits" in commands[0]
+    assert commands[0] == "pip install -e . && defcnn demo"  # the main job, on digits
     ci = (ROOT / ".ci" / "run").read_text()
     test_command = commands[1].replace("pip install", "python3 -m pip install")
     assert test_command in ci
@@ -52,3 +51,24 @@ def test_cli_parser_builds_without_torch_and_names_match_the_registries() -> Non
 
     assert set(ARCHS) == set(ARCH_NAMES)
     assert loader_names == DATASETS
+
+
+def test_dependencies_point_one_way() -> None:
+    """The core imports no stage (except the CLI, which dispatches to each lazily); export
+    and client never import each other; nothing below the demo imports it; the server never
+    imports torch (also checked on a live server)."""
+    forbidden = {
+        "train": ("defcnn.export", "defcnn.server", "defcnn.client", "defcnn.demo"),
+        "export": ("defcnn.client", "defcnn.server", "defcnn.demo"),
+        "client": ("defcnn.export", "defcnn.server", "defcnn.demo"),
+        "server": ("defcnn.client", "defcnn.export", "defcnn.demo", "import torch"),
+        "protos": ("defcnn.client", "defcnn.export", "defcnn.server", "defcnn.demo"),
+    }
+    offenders = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for root, names in forbidden.items()
+        for path in (ROOT / root).rglob("*.py")
+        for name in names
+        if name in path.read_text() and path != ROOT / "train" / "defcnn" / "cli.py"
+    ]
+    assert offenders == []

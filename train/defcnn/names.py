@@ -1,11 +1,29 @@
-"""Names the CLI offers as choices, kept free of heavy imports so `defcnn --help` and the
-torch-free stages (the server) can build the parser without loading torch.
+"""Names shared across stages, kept free of heavy imports: the CLI's choices (so
+`defcnn --help` and the torch-free server build the parser without loading torch) and the
+file names of TensorRT engines (written by export, read by the server).
 
 The registries that implement these names check against them (see tests/unit/test_repo.py).
 """
 
 from __future__ import annotations
 
+import re
+
 ARCH_NAMES = ("densenet121", "resnet18", "resnet18_imagenet", "resnet50", "senet18", "vgg19")
 DATASETS = ("digits", "cifar10", "imagefolder")
 SCHEDULES = ("paper", "fast")
+
+_ENGINE = re.compile(r"^model\.sm(\d+)\.trt([\d.]+)\.(fp32|fp16)\.plan$")
+
+
+def engine_name(capability: tuple[int, int], trt_version: str, precision: str) -> str:
+    """An engine only runs on the GPU architecture and TensorRT version that built it."""
+    return f"model.sm{capability[0]}{capability[1]}.trt{trt_version}.{precision}.plan"
+
+
+def parse_engine_name(name: str) -> dict[str, str] | None:
+    """{'sm', 'trt', 'precision'} for an engine file name, else None."""
+    match = _ENGINE.match(name)
+    if not match:
+        return None
+    return {"sm": match.group(1), "trt": match.group(2), "precision": match.group(3)}

@@ -11,16 +11,15 @@ Not verified here: the development machines have no GPU and no TensorRT (docs/de
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from defcnn.errors import ExportError
+from defcnn.names import engine_name, parse_engine_name
 
 PRECISIONS = ("fp32", "fp16")
-_ENGINE = re.compile(r"^model\.sm(\d+)\.trt([\d.]+)\.(fp32|fp16)\.plan$")
 
 
 def _tensorrt() -> Any:
@@ -40,18 +39,6 @@ def gpu_compute_capability() -> tuple[int, int]:
     if not torch.cuda.is_available():
         raise ExportError("--tensorrt needs an NVIDIA GPU; none is usable here")
     return torch.cuda.get_device_capability(0)
-
-
-def engine_name(capability: tuple[int, int], trt_version: str, precision: str) -> str:
-    return f"model.sm{capability[0]}{capability[1]}.trt{trt_version}.{precision}.plan"
-
-
-def parse_engine_name(name: str) -> dict[str, str] | None:
-    """{'sm', 'trt', 'precision'} for an engine file name, else None."""
-    match = _ENGINE.match(name)
-    if not match:
-        return None
-    return {"sm": match.group(1), "trt": match.group(2), "precision": match.group(3)}
 
 
 def check_engine(path: Path, capability: tuple[int, int], trt_version: str) -> None:

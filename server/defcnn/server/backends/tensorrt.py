@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from defcnn.export.tensorrt_engine import parse_engine_name
+from defcnn.names import parse_engine_name
 from defcnn.server.errors import Unavailable
 
 PRECISION_ORDER = ("fp16", "fp32")
