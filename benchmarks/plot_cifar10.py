@@ -63,7 +63,7 @@ def transfer(runs: Path, img: Path) -> str:
         ax.set_ylim(0, 1)
         ax.set_title(f"surrogate: {sur}")
     axes[0][0].set_ylabel("accuracy under transfer attack\n(dotted: clean)")
-    axes[0][0].legend()
+    axes[0][0].legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(img / "cifar10-transfer.png", dpi=100)
     plt.close(fig)
