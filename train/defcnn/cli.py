@@ -3,7 +3,8 @@
 Subcommands import their stage lazily, so `defcnn --help` is fast and a stage's heavy
 dependencies (torch above all) load only when it runs. Errors raised on purpose
 (`DefcnnError`) become a one-line message and an exit code: 2 for bad settings, 1 for bad
-data or checkpoints.
+data or checkpoints, and 1 for the file system refusing a read or write (an unwritable
+report or checkpoint folder, a full disk).
 """
 
 from __future__ import annotations
@@ -462,6 +463,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="load and reliability benchmarks against a local server")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    s = kinds.add_parser("soak", help="many clients for a bounded time; every answer checked")
+    s.add_argument("--model-repo", required=True, help="repository written by defcnn export")
+    s.add_argument("--model", required=True, help="model to load")
+    s.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
+    s.add_argument("--seconds", type=_positive_float, default=60.0, help="soak time")
+    s.add_argument("--warmup", type=float, default=10.0, help="seconds before watching memory")
+    s.add_argument("--batch", type=int, default=1, help="images per request")
+    s.add_argument("--max-queue-size", type=int, default=256, help="the server's queue bound")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="runs/soak", help="folder for soak.json and soak.png")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from defcnn.demo.soak import SoakSettings, run_soak
+
+    settings = SoakSettings(
+        model_repo=args.model_repo, model=args.model, clients=args.clients,
+        seconds=args.seconds, warmup_seconds=args.warmup, batch=args.batch,
+        max_queue_size=args.max_queue_size, seed=args.seed, out=args.out,
+    )  # fmt: skip
+    result = run_soak(settings, progress=not args.quiet)
+    soak, rss = result["soak"], result["rss_mb"]
+    print(
+        f"{soak['requests']} requests from {soak['clients']} clients in {soak['seconds']} s: "
+        f"{soak['ok']} correct, {soak['wrong']} wrong, errors {soak['errors'] or 'none'}; "
+        f"{soak['throughput_rps']} answers/s, p99 {soak['latency_ms']['p99']:.1f} ms; "
+        f"RSS {rss['after_warmup']:.0f} -> max {rss['max']:.0f} MiB ({rss['growth']:+.1%}); "
+        f"queue max {result['queue']['max_depth']:g} of {result['queue']['bound']}"
+    )
+    for name, ok in result["checks"].items():
+        print(f"  {'PASS' if ok else 'FAIL'} {name}")
+    print(f"report: {Path(args.out) / 'soak.json'}")
+    return EXIT_OK if result["passed"] else EXIT_ERROR
+
+
 _PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _train_parser,
     _evaluate_parser,
@@ -470,6 +511,7 @@ _PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _attack_parser,
     _classify_parser,
     _demo_parser,
+    _bench_parser,
 )
 
 
@@ -493,6 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except DefcnnError as exc:
         print(f"defcnn {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a folder that cannot be written, a full disk, a vanished file
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"defcnn {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"defcnn {args.command}: interrupted", file=sys.stderr)

@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from defcnn.errors import DefcnnError
 
-READY = re.compile(r"ready on (\S+):(\d+) ")
+READY = re.compile(r"ready on (\S+):(\d+) .*?(?:metrics on :(\d+))?\)")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class LocalServer:
     url: str
     pid: int
     log: Path
+    metrics_port: int | None = None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -50,12 +51,19 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float) -> None:
 
 @contextlib.contextmanager
 def local_server(
-    repo: Path, log: Path, *, start_timeout_s: float = 120.0, grace_s: float = 5.0
+    repo: Path,
+    log: Path,
+    *,
+    metrics: bool = False,
+    extra: Sequence[str] = (),
+    start_timeout_s: float = 120.0,
+    grace_s: float = 5.0,
 ) -> Iterator[LocalServer]:
-    """Serve `repo` on 127.0.0.1 (any free port) for the duration of the `with` block."""
+    """Serve `repo` on 127.0.0.1 (any free port; with `metrics`, Prometheus on another) for
+    the duration of the `with` block. `extra` flags go to `defcnn serve`."""
     cmd = [sys.executable, "-m", "defcnn.cli", "serve", "--model-repo", str(repo),
-           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-           "--grace-seconds", str(grace_s), "--log-level", "WARNING"]  # fmt: skip
+           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0" if metrics else "-1",
+           "--grace-seconds", str(grace_s), "--log-level", "WARNING", *extra]  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as sink:
         proc = subprocess.Popen(
@@ -74,7 +82,8 @@ def local_server(
             if time.monotonic() > deadline:
                 raise DefcnnError(f"the server did not start in {start_timeout_s:g} s; see {log}")
             time.sleep(0.1)
-        yield LocalServer(url=f"{match.group(1)}:{match.group(2)}", pid=proc.pid, log=log)
+        metrics_port = int(match.group(3)) if match.group(3) else None
+        yield LocalServer(f"{match.group(1)}:{match.group(2)}", proc.pid, log, metrics_port)
     finally:
         _stop(proc, grace_s)
 

@@ -72,6 +72,12 @@ class DynamicBatcher:
         self._closed = False
         self._busy = False
         self._task: asyncio.Task[None] | None = None
+        self.max_depth = 0  # the most requests ever queued at once (never above max_queue)
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting now (Triton's pending request count)."""
+        return len(self._queue)
 
     @property
     def idle(self) -> bool:
@@ -94,6 +100,7 @@ class DynamicBatcher:
             raise ResourceExhausted(f"queue full ({self.max_queue} requests); retry later")
         pending = _Pending(images, asyncio.get_running_loop().create_future(), deadline)
         self._queue.append(pending)
+        self.max_depth = max(self.max_depth, len(self._queue))
         self._wakeup.set()
         return await pending.future
 

@@ -4,6 +4,7 @@ never fatal. Names are looked up in what was loaded, never joined into paths."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,34 @@ def _make_backend(options: ServingOptions, folder: Path) -> Backend:
     raise InvalidArgument(f"backend must be onnxruntime or tensorrt, got {options.backend!r}")
 
 
+def check_external_data(model: Path) -> None:
+    """Refuse an ONNX file whose external tensor data lies outside its version folder: a
+    repository must never make the server read files it was not given."""
+    import onnx
+
+    def tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                yield from ([attr.t] if attr.HasField("t") else [])
+                yield from attr.tensors
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    proto = onnx.load(str(model), load_external_data=False)
+    folder = model.parent.resolve()
+    for tensor in tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise InvalidArgument(
+                f"tensor {tensor.name!r} keeps its data at {location!r}, outside the model's "
+                "folder; refused"
+            )
+
+
 class ModelRepository:
     """Every (name, version) found under a repository folder, ready or not."""
 
@@ -134,6 +163,8 @@ class ModelRepository:
         delay_us = self.options.max_queue_delay_us
         if delay_us is None:
             delay_us = cfg.dynamic_batching.max_queue_delay_microseconds
+        if self.options.backend == "onnxruntime":
+            check_external_data(folder / MODEL_FILE)
         backend = _make_backend(self.options, folder)
         for n in sorted({1, mv.max_batch_size}):  # warm-up, and a check that it really runs
             out = backend.run(np.zeros((n, *mv.input_dims), dtype=np.float32))
@@ -151,6 +182,11 @@ class ModelRepository:
         )  # fmt: skip
         mv.ready = True
         log.info("model %s version %d ready on %s", mv.name, mv.version, backend.device)
+
+    def queue_depths(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(queued now, most ever queued) for every serving version, for the metrics."""
+        return {(mv.name, mv.version): (mv.batcher.depth, mv.batcher.max_depth)
+                for mv in self.all_versions() if mv.batcher is not None}  # fmt: skip
 
     def start(self) -> None:
         for mv in self.all_versions():

@@ -68,6 +68,13 @@ _TRITON_COUNTERS: tuple[tuple[str, str, Callable[[VersionStats], int]], ...] = (
 )  # fmt: skip
 
 
+# (name, help, index into the (queued now, most ever queued) pair)
+_QUEUE_GAUGES = (
+    ("nv_inference_pending_request_count", "Requests waiting in the queue", 0),
+    ("defcnn_queue_max_depth", "Most requests ever waiting at once (bounded by the queue)", 1),
+)
+
+
 class Metrics:
     """All counters of a server; thread-safe. The VersionStats are the source of truth:
     ModelStatistics and the Prometheus counters are both rendered from them."""
@@ -75,6 +82,7 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stats: dict[tuple[str, int], VersionStats] = {}
+        self._depths: Callable[[], dict[tuple[str, int], tuple[int, int]]] = dict
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "defcnn_request_latency_seconds", "Request latency (end to end in the server)",
@@ -84,6 +92,10 @@ class Metrics:
             "defcnn_batch_size", "Executed batch sizes", _LABELS,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
         )  # fmt: skip
+
+    def watch_queues(self, depths: Callable[[], dict[tuple[str, int], tuple[int, int]]]) -> None:
+        """Where to read each version's (queued now, most ever queued) when rendering."""
+        self._depths = depths
 
     def snapshot(self) -> dict[tuple[str, int], VersionStats]:
         with self._lock:
@@ -125,6 +137,11 @@ class Metrics:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
             for (model, version), stats in sorted(snapshot.items()):
                 lines.append(f'{name}{{model="{model}",version="{version}"}} {value(stats)}')
+        depths = sorted(self._depths().items())
+        for name, help_text, k in _QUEUE_GAUGES:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+            for (model, version), values in depths:
+                lines.append(f'{name}{{model="{model}",version="{version}"}} {values[k]}')
         return ("\n".join(lines) + "\n").encode() + generate_latest(self.registry)
 
 
