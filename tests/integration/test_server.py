@@ -323,6 +323,8 @@ def test_bearer_token_auth(repo, launch, tmp_path: Path) -> None:
             [("authorization", "s3cret-token")],
             [("authorization", "Bearer ")],
             [("x-token", "Bearer s3cret-token")],
+            [("authorization", "Bearer s3cret-token-and-more")],
+            [("authorization", "Bearer s3cret-token"), ("authorization", "Bearer wrong")],
         ):
             with pytest.raises(grpc.RpcError) as exc:
                 stub.ModelInfer(request, metadata=metadata, timeout=10)
@@ -331,6 +333,10 @@ def test_bearer_token_auth(repo, launch, tmp_path: Path) -> None:
                 stub.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=metadata, timeout=10)
             assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
         good = [("authorization", "Bearer s3cret-token")]
+        stats = stub.ModelStatistics(
+            pb.ModelStatisticsRequest(name="digits"), metadata=good, timeout=10
+        ).model_stats[0]
+        assert stats.inference_count == 0  # nothing was served to the refused callers
         assert stub.ModelInfer(request, metadata=good, timeout=10).outputs
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(srv.address))
         assert (

@@ -90,3 +90,46 @@ def test_module_entry_point_prints_help() -> None:
         [sys.executable, "-m", "defcnn.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "train" in done.stdout and "evaluate" in done.stdout
+
+
+def test_unwritable_output_folders_get_a_clear_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    ckpt = tmp_path / "run" / "model.safetensors"
+    assert (
+        main(["train", *SMALL, "--epochs", "1", "--max-steps", "1", "--out", str(ckpt.parent)]) == 0
+    )
+    capsys.readouterr()
+    bad = str(blocker / "sub")
+    for argv in (
+        ["train", *SMALL, "--epochs", "1", "--max-steps", "1", "--out", bad],
+        ["evaluate", str(ckpt), "--num-images", "8", "--out", f"{bad}/eval.json"],
+        ["export", str(ckpt), "--repo", bad, "--name", "m"],
+        ["attack", "transfer", "--url", "127.0.0.1:9", "--model", "m", "--surrogate", str(ckpt),
+         "--attack", "fgsm", "--out", bad, "--quiet"],
+        ["demo", "--out", bad, "--quiet"],
+    ):  # fmt: skip
+        assert main(argv) == EXIT_ERROR, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"defcnn {argv[0]}: error: Not a directory: "), err
+        assert "Traceback" not in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_failed_final_save_leaves_the_last_checkpoint_intact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["train", *SMALL, "--epochs", "2", "--max-steps", "3", "--out", str(out)]
+    assert main(argv) == 0
+    before = load_checkpoint(out / "checkpoint-last.safetensors").meta["step"]
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").mkdir()  # something in the way of the final write
+    argv = ["train", *SMALL, "--epochs", "2", "--max-steps", "6", "--out", str(out), "--resume"]
+    assert main(argv) == EXIT_ERROR
+    assert "error" in capsys.readouterr().err
+    last = load_checkpoint(out / "checkpoint-last.safetensors")  # loads: not corrupted
+    assert last.meta["step"] >= before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no debris

@@ -138,6 +138,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from defcnn.robustness import corruption_table, evaluate_corruptions
     from defcnn.training.distributed import pick_device
 
+    if args.out:  # fail before the work, not after it
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     taken: set[str] = set()
     loaded = {_run_name(p, taken): load_model(p, device) for p in args.checkpoint}
