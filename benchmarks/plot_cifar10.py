@@ -123,7 +123,7 @@ def boundary(runs: Path, img: Path) -> str:
         at = {r["budget"]: r.get("median_l2") for r in entry["by_budget"]}
         figure[m] = entry["boundary_figure"]
         lines.append(f"| {m} | {entry['clean_accuracy']:.3f} | {entry['attacked']} | "
-                     f"{_f(figure[m]['mean'])} | {_f(figure[m]['median'])} | "
+                     f"{figure[m]['mean']:.2e} | {figure[m]['median']:.2e} | "
                      f"{_f(at.get(1000))} | {_f(at.get(budget))} |")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("queries per image")

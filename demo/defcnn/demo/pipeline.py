@@ -48,9 +48,11 @@ class DemoSettings:
     extra_surrogates: tuple[str, ...] = field(default_factory=tuple)
 
     def check(self) -> None:
-        for name in ("epochs", "num_images", "query_images", "query_budget"):
+        flags = {"epochs": "--epochs", "num_images": "--num-images",
+                 "query_images": "--query-images", "query_budget": "--budget"}  # fmt: skip
+        for name, flag in flags.items():
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"{flag} must be >= 1, got {getattr(self, name)}")
         if not self.attacks or not self.eps_255:
             raise ConfigError("at least one transfer attack and one eps are needed")
 
