@@ -119,13 +119,15 @@ def test_the_server_is_stopped_when_the_demo_is_interrupted(
     for part in ("models", "repo"):  # trained already: the demo goes straight to serving
         shutil.copytree(trained / part, out / part)
     long = [*TINY, "--budget", "100000", "--query-images", "50", "--attack", "pgd"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "defcnn.cli", "demo", "--out", str(out), *long],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:  # a file, not a pipe: an unread pipe could block the demo
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "defcnn.cli", "demo", "--out", str(out), *long],
+            stdout=subprocess.DEVNULL, stderr=sink,
+        )  # fmt: skip
     deadline = time.monotonic() + 120
     while not (out / "server.json").exists():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert proc.poll() is None, errors.read_text()
         assert time.monotonic() < deadline, "the demo never started its server"
         time.sleep(0.1)
     pid = json.loads((out / "server.json").read_text())["pid"]
@@ -137,5 +139,5 @@ def test_the_server_is_stopped_when_the_demo_is_interrupted(
         assert code == -signal.SIGKILL
     else:
         assert code == EXIT_INTERRUPTED
-        assert "interrupted" in (proc.stderr.read() if proc.stderr else "")
+        assert "interrupted" in errors.read_text()
     assert _wait_gone(pid), "the server outlived the demo"

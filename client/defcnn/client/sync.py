@@ -81,7 +81,13 @@ class InferenceClient(_ClientBase):
             )
             for n, request in requests
         ]
-        wait(futures)
+        try:
+            wait(futures)
+        except BaseException:  # Ctrl-C or SIGTERM: no chunk may retry or start afterwards
+            abort.set()
+            for f in futures:
+                f.cancel()
+            raise
         self._first_error([f.exception() for f in futures])
         return [f.result() for f in futures]
 
