@@ -132,7 +132,11 @@ def test_the_server_is_stopped_when_the_demo_is_interrupted(
         time.sleep(0.1)
     pid = json.loads((out / "server.json").read_text())["pid"]
     assert _alive(pid)
-    time.sleep(1.0)  # into the attack stage
+    while not (out / "transfer" / "stages").exists():  # into the attack stage
+        assert proc.poll() is None, errors.read_text()
+        assert time.monotonic() < deadline, "the demo never started attacking"
+        time.sleep(0.05)
+    time.sleep(0.5)
     os.kill(proc.pid, how)
     code = proc.wait(timeout=60)
     if how == signal.SIGKILL:

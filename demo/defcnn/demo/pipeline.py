@@ -118,6 +118,15 @@ def export_targets(models: Path, repo: Path) -> None:
         _log(f"  {name}: {repo / name / '1' / 'model.onnx'} (verified against PyTorch)")
 
 
+def _preload_attacks() -> None:
+    """Import the attack stack (ART, torch attacks) before the server starts: some optional-
+    dependency probes swallow a Ctrl-C that lands mid-import, so that window must not fall
+    while a server is running."""
+
+    import defcnn.client.attacks
+    import defcnn.client.harness  # noqa: F401
+
+
 def attack_endpoints(
     s: DemoSettings, url: str, models: Path, out: Path, *, progress: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -174,6 +183,7 @@ def run_demo(
         _log(f"[2/5] exporting both targets to {repo}")
         export_targets(models, repo)
         stage("export")
+        _preload_attacks()
         _log("[3/5] starting the server")
         with local_server(repo, out / "server.log") as server:
             write_json(out / "server.json", {"url": server.url, "pid": server.pid})
