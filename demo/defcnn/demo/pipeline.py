@@ -7,6 +7,7 @@ there, so an interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections.abc import Callable
@@ -122,9 +123,9 @@ def _preload_attacks() -> None:
     """Import the attack stack (ART, torch attacks) before the server starts: some optional-
     dependency probes swallow a Ctrl-C that lands mid-import, so that window must not fall
     while a server is running."""
-
-    import defcnn.client.attacks
-    import defcnn.client.harness  # noqa: F401
+    for module in ("art.attacks.evasion", "art.estimators.classification",
+                   "defcnn.client.attacks", "defcnn.client.harness"):  # fmt: skip
+        importlib.import_module(module)
 
 
 def attack_endpoints(
