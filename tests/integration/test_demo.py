@@ -124,6 +124,9 @@ def test_the_server_is_stopped_when_the_demo_is_interrupted(
         proc = subprocess.Popen(
             [sys.executable, "-m", "defcnn.cli", "demo", "--out", str(out), *long],
             stdout=subprocess.DEVNULL, stderr=sink,
+            # a test run started in the background has SIGINT ignored, and children inherit
+            # that; the demo must see Ctrl-C as a terminal would deliver it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
     deadline = time.monotonic() + 120
     while not (out / "server.json").exists():
