@@ -16,8 +16,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from defcnn.errors import ConfigError
-from defcnn.protos import grpc_service_pb2, grpc_service_pb2_grpc
+from defcnn.protos import grpc_service_pb2
 from defcnn.server.auth import BearerTokenInterceptor, load_token
+from defcnn.server.handlers import add_inference_service
 from defcnn.server.repository import ModelRepository, ServingOptions
 from defcnn.server.servicer import InferenceServicer
 from defcnn.server.statistics import Metrics, start_metrics_server
@@ -92,7 +93,7 @@ class InferenceServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        add_inference_service(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

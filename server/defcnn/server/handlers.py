@@ -1,0 +1,95 @@
+"""Registers the servicer with gRPC so that bytes which are not a valid request message get
+INVALID_ARGUMENT with a plain message, instead of gRPC's UNKNOWN naming a Python exception.
+
+The generated `add_GRPCInferenceServiceServicer_to_server` hands undecodable bytes to
+gRPC's own error path; here each method's deserialiser returns a `Malformed` marker instead,
+and the wrapper answers it before the servicer sees anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from defcnn.protos import grpc_service_pb2 as pb
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes did not parse as the method's message type."""
+
+    type_name: str
+    error: str
+
+    @property
+    def message(self) -> str:
+        return f"malformed request: not a valid {self.type_name} ({self.error})"
+
+
+def _deserializer(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return cls.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            return Malformed(cls.DESCRIPTOR.full_name, str(exc) or type(exc).__name__)
+
+    return parse
+
+
+def _unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    async def handle(request: Message | Malformed, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await behaviour(request, context)
+
+    return handle
+
+
+def _stream(
+    behaviour: Callable[..., AsyncIterator[pb.ModelStreamInferResponse]],
+) -> Callable[..., AsyncIterator[pb.ModelStreamInferResponse]]:
+    """As for every stream error: a malformed message is answered in its error_message."""
+
+    async def one(request: Message) -> AsyncIterator[Message]:
+        yield request
+
+    async def handle(
+        requests: AsyncIterator[Message | Malformed], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for request in requests:
+            if isinstance(request, Malformed):
+                yield pb.ModelStreamInferResponse(error_message=request.message)
+                continue
+            async for response in behaviour(one(request), context):
+                yield response
+
+    return handle
+
+
+def add_inference_service(servicer: Any, server: grpc.aio.Server) -> None:
+    """Every method of the service, from its descriptor, bound to `servicer`."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        options = {
+            "request_deserializer": _deserializer(request_cls),
+            "response_serializer": response_cls.SerializeToString,
+        }
+        if method.client_streaming or method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _stream(behaviour), **options
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(behaviour), **options
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
