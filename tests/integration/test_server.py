@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 import signal
 import struct
 import subprocess
@@ -372,26 +373,45 @@ def test_tls_and_mutual_tls(repo, launch, certificates: dict[str, Path]) -> None
         assert srv.stop() == 0
 
 
-def test_sigterm_under_load_answers_every_accepted_request(repo, launch) -> None:
-    srv = launch.start(repo.root, "--max-queue-delay-us", "200000", "--grace-seconds", "20")
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
-    async def run() -> list[object]:
+
+def _pending(srv) -> int:
+    """The server's own count of accepted requests waiting in its batch queue."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics").read().decode()
+    match = re.search(r'^nv_inference_pending_request_count\{model="digits".*\} (\S+)$', text, re.M)
+    return int(float(match.group(1))) if match else 0
+
+
+def test_sigterm_under_load_answers_every_accepted_request(repo, launch) -> None:
+    # A 60 s batch window against a 20 s grace: accepted requests are answered only if the
+    # drain runs them at once instead of waiting out the window.
+    srv = launch.start(repo.root, "--max-queue-delay-us", "60000000", "--grace-seconds", "20")
+
+    async def run() -> tuple[list[object], list[object]]:
         async with grpc.aio.insecure_channel(srv.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            first = [
-                stub.ModelInfer(infer_request(images(2, seed=i)), timeout=30) for i in range(24)
+            health = health_pb2_grpc.HealthStub(channel)
+            accepted = [
+                asyncio.ensure_future(stub.ModelInfer(infer_request(images(2, seed=i)), timeout=60))
+                for i in range(6)  # 12 rows: below the batch of 16, so they wait in the queue
             ]
-            await asyncio.sleep(0.05)  # accepted and queued, waiting for the batch window
+            while _pending(srv) < len(accepted):  # the server has them all
+                await asyncio.sleep(0.02)
             srv.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            check = health_pb2.HealthCheckRequest()
+            while (await health.Check(check, timeout=10)).status == SERVING:
+                await asyncio.sleep(0.01)
             late = [stub.ModelInfer(infer_request(images(1)), timeout=10) for _ in range(4)]
-            return await asyncio.gather(*first, *late, return_exceptions=True)
+            late_results = await asyncio.gather(*late, return_exceptions=True)
+            return await asyncio.gather(*accepted, return_exceptions=True), late_results
 
-    results = asyncio.run(run())
-    accepted, late = results[:24], results[24:]
+    accepted, late = asyncio.run(run())
     assert all(isinstance(r, pb.ModelInferResponse) for r in accepted), accepted
-    for r in late:  # refused, never lost or hung
-        assert isinstance(r, pb.ModelInferResponse) or r.code() == grpc.StatusCode.UNAVAILABLE
+    for seed, r in enumerate(accepted):  # each caller got its own rows
+        np.testing.assert_allclose(logits_of(r), repo.reference(images(2, seed=seed)), atol=1e-5)
+    for r in late:  # arrived while draining: refused, never cancelled, lost or hung
+        assert isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAVAILABLE, r
     assert srv.proc.wait(timeout=30) == 0
 
 

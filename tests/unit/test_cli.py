@@ -85,6 +85,16 @@ def test_bad_settings_and_files_get_a_message_and_an_exit_code(
     assert "--download" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag", ["--grace-seconds", "--drain-quiet-seconds", "--max-queue-size", "--max-batch-size"]
+)
+def test_serve_refuses_negative_limits_before_starting(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--model-repo", str(tmp_path), flag, "-1"]) == EXIT_USAGE
+    assert flag in capsys.readouterr().err
+
+
 def test_module_entry_point_prints_help() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "defcnn.cli", "--help"], capture_output=True, text=True, check=True

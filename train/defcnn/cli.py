@@ -229,6 +229,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key")
     p.add_argument("--tls-ca", help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM")
+    p.add_argument(
+        "--drain-quiet-seconds", type=float, default=0.25,
+        help="while draining, keep refusing with UNAVAILABLE until no call has arrived for "
+        "this long, then close the port (default 0.25)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_cmd_serve)
 
@@ -243,6 +248,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("grace_seconds", "drain_quiet_seconds"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
     configure_logging(args.log_level)
     settings = ServerSettings(
         model_repo=args.model_repo, host=args.host, port=args.port,
@@ -254,6 +262,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ),
         auth_token_file=args.auth_token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_ca=args.tls_ca, max_message_mb=args.max_message_mb, grace_s=args.grace_seconds,
+        drain_quiet_s=args.drain_quiet_seconds,
     )  # fmt: skip
     return asyncio.run(serve(settings))
 

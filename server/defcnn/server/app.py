@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from defcnn.errors import ConfigError
 from defcnn.protos import grpc_service_pb2
 from defcnn.server.auth import BearerTokenInterceptor, load_token
+from defcnn.server.drain import ArrivalClock
 from defcnn.server.handlers import add_inference_service
 from defcnn.server.repository import ModelRepository, ServingOptions
 from defcnn.server.servicer import InferenceServicer
@@ -42,6 +44,7 @@ class ServerSettings:
     tls_ca: str | None = None
     max_message_mb: int = 64
     grace_s: float = 10.0
+    drain_quiet_s: float = 0.25
 
 
 def _credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
@@ -74,6 +77,7 @@ class InferenceServer:
         self.metrics.watch_queues(self.repository.queue_depths)
         self.servicer = InferenceServicer(self.repository, self.metrics)
         self.health = health.aio.HealthServicer()
+        self.arrivals = ArrivalClock()
         self.port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
@@ -84,7 +88,9 @@ class InferenceServer:
         token = load_token(s.auth_token_file)
         credentials = _credentials(s)
         limit = s.max_message_mb * 1024 * 1024
-        interceptors = [BearerTokenInterceptor(token)] if token else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.arrivals]
+        if token:
+            interceptors.append(BearerTokenInterceptor(token))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -121,12 +127,18 @@ class InferenceServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self) -> None:
-        """Stop accepting, answer what is in flight, then release everything."""
+        """Drain within the grace period: refuse new work, answer every accepted request,
+        keep refusing until callers are quiet, and only then close the listener."""
+        deadline = time.monotonic() + self.settings.grace_s
         self.servicer.accepting = False
         await self.health.enter_graceful_shutdown()
+        try:  # queued requests run now, without waiting out their batch window
+            await asyncio.wait_for(self.repository.close(), self.settings.grace_s)
+        except TimeoutError:
+            log.warning("drain: queued requests still running after %.1fs", self.settings.grace_s)
         if self._server is not None:
-            await self._server.stop(self.settings.grace_s)
-        await self.repository.close()
+            await self.arrivals.quiet(self.settings.drain_quiet_s, deadline)
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self.executor.shutdown(wait=True)
