@@ -141,10 +141,20 @@ def test_the_server_is_stopped_when_the_demo_is_interrupted(
         time.sleep(0.05)
     time.sleep(0.5)
     os.kill(proc.pid, how)
-    code = proc.wait(timeout=60)
+
+    def story() -> str:  # what the demo and its server said, for a failure message
+        log = out / "server.log"
+        server_log = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        return f"demo stderr:\n{errors.read_text()[-3000:]}\nserver log:\n{server_log}"
+
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the demo was still running 60 s after {how.name}\n{story()}")
     if how == signal.SIGKILL:
         assert code == -signal.SIGKILL
     else:
-        assert code == EXIT_INTERRUPTED
-        assert "interrupted" in errors.read_text()
-    assert _wait_gone(pid), "the server outlived the demo"
+        assert code == EXIT_INTERRUPTED, story()
+        assert "interrupted" in errors.read_text(), story()
+    assert _wait_gone(pid), f"the server outlived the demo\n{story()}"

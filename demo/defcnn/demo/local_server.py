@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +56,13 @@ def local_server(
     *,
     metrics: bool = False,
     extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
     start_timeout_s: float = 120.0,
     grace_s: float = 5.0,
 ) -> Iterator[LocalServer]:
     """Serve `repo` on 127.0.0.1 (any free port; with `metrics`, Prometheus on another) for
-    the duration of the `with` block. `extra` flags go to `defcnn serve`."""
+    the duration of the `with` block. `extra` flags go to `defcnn serve`; `env` is added to
+    its environment."""
     cmd = [sys.executable, "-m", "defcnn.cli", "serve", "--model-repo", str(repo),
            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0" if metrics else "-1",
            "--grace-seconds", str(grace_s), "--log-level", "WARNING", *extra]  # fmt: skip
@@ -68,6 +70,7 @@ def local_server(
     with open(log, "wb") as sink:
         proc = subprocess.Popen(
             cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
             start_new_session=True,  # Ctrl-C reaches the demo, which stops the server itself
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )  # fmt: skip
