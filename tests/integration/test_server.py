@@ -415,6 +415,27 @@ def test_sigterm_under_load_answers_every_accepted_request(repo, launch) -> None
     assert srv.proc.wait(timeout=30) == 0
 
 
+def test_sigterm_ends_idle_streams_with_unavailable_not_at_grace(repo, launch) -> None:
+    # A 60 s grace: the server exits well before it only if it ends the idle stream itself.
+    srv = launch.start(repo.root, "--grace-seconds", "60")
+
+    async def run() -> tuple[pb.ModelStreamInferResponse, grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+            await call.write(infer_request(images(2), request_id="before"))
+            answered = await call.read()  # the stream is open and idle from here on
+            srv.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call.read()
+            assert ended.value.details() == "the server is shutting down"
+            return answered, ended.value.code()
+
+    answered, code = asyncio.run(run())
+    assert answered.infer_response.id == "before" and not answered.error_message
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert srv.proc.wait(timeout=30) == 0
+
+
 def test_server_package_never_imports_torch() -> None:
     code = (
         "import sys, defcnn.server.app, defcnn.server.codec, defcnn.server.servicer; "

@@ -78,6 +78,7 @@ class InferenceServer:
         self.servicer = InferenceServicer(self.repository, self.metrics)
         self.health = health.aio.HealthServicer()
         self.arrivals = ArrivalClock()
+        self.closing_streams = asyncio.Event()
         self.port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
@@ -99,7 +100,7 @@ class InferenceServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        add_inference_service(self.servicer, server)
+        add_inference_service(self.servicer, server, self.closing_streams)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -134,8 +135,9 @@ class InferenceServer:
         await self.health.enter_graceful_shutdown()
         try:  # queued requests run now, without waiting out their batch window
             await asyncio.wait_for(self.repository.close(), self.settings.grace_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
             log.warning("drain: queued requests still running after %.1fs", self.settings.grace_s)
+        self.closing_streams.set()  # idle streams end with UNAVAILABLE, not CANCELLED at grace
         if self._server is not None:
             await self.arrivals.quiet(self.settings.drain_quiet_s, deadline)
             await self._server.stop(max(0.0, deadline - time.monotonic()))

@@ -131,7 +131,7 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # the builtin only from Python 3.11
                     break
             batch = self._take()
             if batch:

@@ -8,6 +8,7 @@ and the wrapper answers it before the servicer sees anything.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from defcnn.protos import grpc_service_pb2 as pb
+from defcnn.server.drain import until_set
+from defcnn.server.errors import Unavailable, status_of
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 
@@ -53,8 +56,10 @@ def _unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
 
 def _stream(
     behaviour: Callable[..., AsyncIterator[pb.ModelStreamInferResponse]],
+    closing: asyncio.Event,
 ) -> Callable[..., AsyncIterator[pb.ModelStreamInferResponse]]:
-    """As for every stream error: a malformed message is answered in its error_message."""
+    """As for every stream error: a malformed message is answered in its error_message.
+    Once `closing` is set, a stream waiting for its next message ends with UNAVAILABLE."""
 
     async def one(request: Message) -> AsyncIterator[Message]:
         yield request
@@ -62,18 +67,22 @@ def _stream(
     async def handle(
         requests: AsyncIterator[Message | Malformed], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for request in requests:
-            if isinstance(request, Malformed):
-                yield pb.ModelStreamInferResponse(error_message=request.message)
-                continue
-            async for response in behaviour(one(request), context):
-                yield response
+        try:
+            async for request in until_set(closing, aiter(requests)):
+                if isinstance(request, Malformed):
+                    yield pb.ModelStreamInferResponse(error_message=request.message)
+                    continue
+                async for response in behaviour(one(request), context):
+                    yield response
+        except Unavailable as exc:
+            await context.abort(*status_of(exc))
 
     return handle
 
 
-def add_inference_service(servicer: Any, server: grpc.aio.Server) -> None:
-    """Every method of the service, from its descriptor, bound to `servicer`."""
+def add_inference_service(servicer: Any, server: grpc.aio.Server, closing: asyncio.Event) -> None:
+    """Every method of the service, from its descriptor, bound to `servicer`; setting
+    `closing` ends the streams that are idle."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in service.methods:
@@ -86,7 +95,7 @@ def add_inference_service(servicer: Any, server: grpc.aio.Server) -> None:
         }
         if method.client_streaming or method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _stream(behaviour), **options
+                _stream(behaviour, closing), **options
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
