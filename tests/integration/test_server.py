@@ -396,7 +396,9 @@ def test_sigterm_under_load_answers_every_accepted_request(repo, launch) -> None
                 asyncio.ensure_future(stub.ModelInfer(infer_request(images(2, seed=i)), timeout=60))
                 for i in range(6)  # 12 rows: below the batch of 16, so they wait in the queue
             ]
+            deadline = time.monotonic() + 30
             while _pending(srv) < len(accepted):  # the server has them all
+                assert time.monotonic() < deadline and not any(f.done() for f in accepted)
                 await asyncio.sleep(0.02)
             srv.proc.send_signal(signal.SIGTERM)
             check = health_pb2.HealthCheckRequest()
