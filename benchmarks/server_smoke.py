@@ -5,7 +5,7 @@ still run it from the source tree:
 
     python3.10 -m venv /tmp/py310 && /tmp/py310/bin/pip install grpcio 'protobuf>=6.33.5,<7' \\
         grpcio-health-checking grpcio-reflection prometheus-client onnx onnxruntime numpy
-    PYTHONPATH=train:server:protos /tmp/py310/bin/python benchmarks/server_smoke.py REPO MODEL
+    PYTHONPATH=train:server:protos:demo /tmp/py310/bin/python benchmarks/server_smoke.py REPO MODEL
 
 REPO is a repository written by `defcnn export`, MODEL one of its models. Checks, printing
 each: three requests that wait out a 0.3 s batch window are answered; an idle stream ends
@@ -15,7 +15,6 @@ with UNAVAILABLE on SIGTERM; the server exits 0. Exit code 0 only if all three h
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import sys
 import grpc
 import numpy as np
 
+from defcnn.demo.local_server import READY
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -69,7 +69,7 @@ def main() -> int:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
-        match = re.search(r"ready on ([\d.]+):(\d+)", line)
+        match = READY.search(line)
         if match:
             break
         print(line, end="")

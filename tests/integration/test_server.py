@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import re
 import signal
 import struct
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from defcnn.demo.soak import queue_gauges
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -376,13 +376,6 @@ def test_tls_and_mutual_tls(repo, launch, certificates: dict[str, Path]) -> None
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def _pending(srv) -> int:
-    """The server's own count of accepted requests waiting in its batch queue."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics").read().decode()
-    match = re.search(r'^nv_inference_pending_request_count\{model="digits".*\} (\S+)$', text, re.M)
-    return int(float(match.group(1))) if match else 0
-
-
 def test_sigterm_under_load_answers_every_accepted_request(repo, launch) -> None:
     # A 60 s batch window against a 20 s grace: accepted requests are answered only if the
     # drain runs them at once instead of waiting out the window.
@@ -397,7 +390,8 @@ def test_sigterm_under_load_answers_every_accepted_request(repo, launch) -> None
                 for i in range(6)  # 12 rows: below the batch of 16, so they wait in the queue
             ]
             deadline = time.monotonic() + 30
-            while _pending(srv) < len(accepted):  # the server has them all
+            # the server's own gauge says it holds them all, queued
+            while queue_gauges(srv.metrics_port or 0, "digits")["pending"] < len(accepted):
                 assert time.monotonic() < deadline and not any(f.done() for f in accepted)
                 await asyncio.sleep(0.02)
             srv.proc.send_signal(signal.SIGTERM)
