@@ -77,7 +77,9 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path: Path
         "--dataset", "digits", "--epochs", "2", "--schedule", "fast", "--out", str(out),
         "--quiet",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The child trains with the thread count this process uses (tests/conftest.py), so
+    # OMP_NUM_THREADS cannot make its float results differ from the uninterrupted run.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     cmd = [sys.executable, "-m", "defcnn.cli", *args, "--checkpoint-seconds", "0.3"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
