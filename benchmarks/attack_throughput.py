@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from _machine import machine
 from torch import nn
 
-from defcnn.client.attacks import PGD
+from defcnn.attack import PGD
 from defcnn.models import create_model
 
 EPS, STEP, STEPS = 16 / 255, 1 / 255, 20

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from defcnn.client import InferenceClient
-from defcnn.client.blackbox import attack_one
+from defcnn.attack.blackbox import attack_one
 from defcnn.data import load_dataset
 
 

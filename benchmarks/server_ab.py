@@ -29,13 +29,16 @@ from serve_throughput import build_repo
 from defcnn.client.loadtest import run_load
 from defcnn.demo.local_server import local_server
 
-ROOTS = ("train", "export", "server", "protos", "client", "demo")
 HERE = Path(__file__).resolve().parent.parent
 
 
 def pythonpath(tree: Path) -> str:
-    """The tree's package roots first, so its `defcnn.server` shadows the installed one."""
-    return os.pathsep.join(str(tree / root) for root in ROOTS)
+    """The tree's package roots first, so its `defcnn.server` shadows the installed one.
+
+    The roots are the tree's own (every folder holding a `defcnn/` slice), so trees from
+    before and after a layout change compare alike.
+    """
+    return os.pathsep.join(str(p.parent) for p in sorted(tree.glob("*/defcnn")) if p.is_dir())
 
 
 def check_tree(tree: Path) -> None:

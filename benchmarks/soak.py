@@ -21,7 +21,7 @@ from pathlib import Path
 from _machine import machine
 from serve_throughput import build_repo
 
-from defcnn.demo.soak import SoakSettings, run_soak
+from defcnn.bench.soak import SoakSettings, run_soak
 
 
 def main() -> int:

@@ -20,7 +20,7 @@ import pytest
 
 from defcnn.client.loadtest import run_load
 from defcnn.demo.local_server import local_server
-from defcnn.demo.soak import SoakSettings, queue_gauges, run_soak
+from defcnn.bench.soak import SoakSettings, queue_gauges, run_soak
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 

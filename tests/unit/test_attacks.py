@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from defcnn.checkpoint import load_model
-from defcnn.client.attacks import (
+from defcnn.attack import (
     CWL2,
     DIFGSM,
     FGSM,

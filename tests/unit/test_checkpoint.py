@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from defcnn.checkpoint import atomic_write, load_checkpoint, load_model, save_checkpoint
+from defcnn.atomic import atomic_write
+from defcnn.checkpoint import load_checkpoint, load_model, save_checkpoint
 from defcnn.errors import CheckpointError
 from defcnn.layers import mask_buffers
 from defcnn.models import ModelSpec, create_model

@@ -13,7 +13,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from defcnn.checkpoint import atomic_write, load_model, write_json
+from defcnn.atomic import atomic_write, write_json
+from defcnn.checkpoint import load_model
 from defcnn.data import load_dataset
 from defcnn.errors import ConfigError, DataError, ExportError
 from defcnn.export import repository

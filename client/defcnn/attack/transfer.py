@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from defcnn.client.attacks.cw import CWL2
-from defcnn.client.attacks.gradient import DIFGSM, FGSM, MIFGSM, PGD, Attack, model_device
+from defcnn.attack.cw import CWL2
+from defcnn.attack.gradient import DIFGSM, FGSM, MIFGSM, PGD, Attack, model_device
 from defcnn.errors import ConfigError
 
 

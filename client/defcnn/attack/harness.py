@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from defcnn.checkpoint import atomic_write
-from defcnn.client.blackbox import DECISION_BASED, Trace, attack_one, summarize
-from defcnn.client.metrics import boundary_figure, perturbation_norms, transfer_metrics
-from defcnn.client.report import image_grid, query_report, transfer_report, write_results
+from defcnn.atomic import atomic_write
+from defcnn.attack.blackbox import DECISION_BASED, Trace, attack_one, summarize
+from defcnn.attack.metrics import boundary_figure, perturbation_norms, transfer_metrics
+from defcnn.attack.report import image_grid, query_report, transfer_report, write_results
 from defcnn.errors import ConfigError
 
 GRID_IMAGES = 6
@@ -155,7 +155,7 @@ def run_transfer(settings: TransferSettings, *, progress: bool = True) -> dict[s
     import torch
 
     from defcnn.checkpoint import load_model
-    from defcnn.client.attacks import Ensemble, craft, make_attack
+    from defcnn.attack import Ensemble, craft, make_attack
 
     out = Path(settings.out)
     (out / "stages").mkdir(parents=True, exist_ok=True)

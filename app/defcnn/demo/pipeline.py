@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from defcnn.checkpoint import write_json
+from defcnn.atomic import write_json
 from defcnn.demo.local_server import local_server, sigterm_as_interrupt
 from defcnn.demo.summary import summarize, write_summary
 from defcnn.errors import ConfigError
@@ -124,7 +124,7 @@ def _preload_attacks() -> None:
     dependency probes swallow a Ctrl-C that lands mid-import, so that window must not fall
     while a server is running."""
     for module in ("art.attacks.evasion", "art.estimators.classification",
-                   "defcnn.client.attacks", "defcnn.client.harness"):  # fmt: skip
+                   "defcnn.attack", "defcnn.attack.harness"):  # fmt: skip
         importlib.import_module(module)
 
 
@@ -132,7 +132,7 @@ def attack_endpoints(
     s: DemoSettings, url: str, models: Path, out: Path, *, progress: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """A transfer attack from the surrogate(s) and a query attack, both over gRPC."""
-    from defcnn.client.harness import (
+    from defcnn.attack.harness import (
         DataChoice,
         Endpoint,
         QuerySettings,

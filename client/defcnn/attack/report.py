@@ -10,7 +10,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from defcnn.checkpoint import atomic_write
+from defcnn.atomic import atomic_write
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

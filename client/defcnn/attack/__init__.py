@@ -1,8 +1,8 @@
 """White-box attacks on surrogate models, for transfer attacks on the served model."""
 
-from defcnn.client.attacks.cw import CWL2
-from defcnn.client.attacks.gradient import DIFGSM, FGSM, MIFGSM, PGD, Attack
-from defcnn.client.attacks.transfer import (
+from defcnn.attack.cw import CWL2
+from defcnn.attack.gradient import DIFGSM, FGSM, MIFGSM, PGD, Attack
+from defcnn.attack.transfer import (
     EPS_SWEEP,
     PRESETS,
     Ensemble,

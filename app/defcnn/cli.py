@@ -133,7 +133,8 @@ def _run_name(path: str, taken: set[str]) -> str:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from defcnn.checkpoint import load_model, write_json
+    from defcnn.atomic import write_json
+    from defcnn.checkpoint import load_model
     from defcnn.data import load_dataset
     from defcnn.robustness import corruption_table, evaluate_corruptions
     from defcnn.training.distributed import pick_device
@@ -309,7 +310,7 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
-    from defcnn.client.harness import (
+    from defcnn.attack.harness import (
         DataChoice,
         Endpoint,
         QuerySettings,
@@ -492,7 +493,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from defcnn.demo.soak import SoakSettings, run_soak
+    from defcnn.bench.soak import SoakSettings, run_soak
 
     settings = SoakSettings(
         model_repo=args.model_repo, model=args.model, clients=args.clients,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from defcnn.checkpoint import write_json
+from defcnn.atomic import write_json
 from defcnn.demo.local_server import local_server, sigterm_as_interrupt
 from defcnn.errors import ConfigError
 
@@ -137,7 +137,7 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from defcnn.checkpoint import atomic_write
+    from defcnn.atomic import atomic_write
 
     t = [r["t"] for r in result["timeline"]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))

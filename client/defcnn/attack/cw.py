@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from defcnn.client.attacks.gradient import Attack, _check_steps
+from defcnn.attack.gradient import Attack, _check_steps
 from defcnn.errors import ConfigError
 
 _NO_BOUND = 1e10

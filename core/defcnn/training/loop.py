@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from defcnn.checkpoint import load_checkpoint, save_checkpoint, write_json
+from defcnn.atomic import write_json
+from defcnn.checkpoint import load_checkpoint, save_checkpoint
 from defcnn.data import augment_batch, load_dataset
 from defcnn.errors import ConfigError
 from defcnn.layers.defective import derive_seed

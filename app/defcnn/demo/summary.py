@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from defcnn.checkpoint import atomic_write
+from defcnn.atomic import atomic_write
 
 if TYPE_CHECKING:
     from defcnn.demo.pipeline import DemoSettings

@@ -1,0 +1,1 @@
+"""`defcnn bench`: load and reliability benchmarks against a local server."""
