@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from defcnn.client import InferenceClient
 from defcnn.attack.blackbox import attack_one
+from defcnn.client import InferenceClient
 from defcnn.data import load_dataset
 
 

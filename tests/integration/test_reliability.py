@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 import pytest
 
+from defcnn.bench.soak import SoakSettings, queue_gauges, run_soak
 from defcnn.client.loadtest import run_load
 from defcnn.demo.local_server import local_server
-from defcnn.bench.soak import SoakSettings, queue_gauges, run_soak
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from defcnn.checkpoint import load_model
 from defcnn.attack import (
     CWL2,
     DIFGSM,
@@ -26,6 +25,7 @@ from defcnn.attack import (
     quantize,
     to_uint8,
 )
+from defcnn.checkpoint import load_model
 from defcnn.data import load_dataset
 from defcnn.errors import ConfigError
 from defcnn.training import FINAL, TrainConfig, train

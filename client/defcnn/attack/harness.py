@@ -154,8 +154,8 @@ def run_transfer(settings: TransferSettings, *, progress: bool = True) -> dict[s
     """Craft on the surrogates, send to every endpoint model, score, and write the report."""
     import torch
 
-    from defcnn.checkpoint import load_model
     from defcnn.attack import Ensemble, craft, make_attack
+    from defcnn.checkpoint import load_model
 
     out = Path(settings.out)
     (out / "stages").mkdir(parents=True, exist_ok=True)
