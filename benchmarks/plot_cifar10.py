@@ -58,7 +58,8 @@ def transfer(runs: Path, img: Path) -> str:
         for k, m in enumerate(MODELS):
             values = [keyed[(m, a, e)]["accuracy_adversarial"] for a, e in settings]
             ax.bar(xs + (k - 0.5) * 0.4, values, 0.4, label=m, color=COLORS[m])
-            ax.axhline(keyed[(m, *settings[0])]["accuracy_clean"], color=COLORS[m], ls=":", lw=1)
+            clean = keyed[(m, settings[0][0], settings[0][1])]["accuracy_clean"]
+            ax.axhline(clean, color=COLORS[m], ls=":", lw=1)
         ax.set_xticks(xs, [f"{a} {e:g}" for a, e in settings], rotation=60, ha="right")
         ax.set_ylim(0, 1)
         ax.set_title(f"surrogate: {sur}")

@@ -15,6 +15,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,11 @@ def main() -> None:
         client.logits(args.model, batch)
         n += len(batch)
     peak = n / (time.perf_counter() - start)
-    result = {"peak_images_per_second": peak, "max_batch_size": info.max_batch_size, "attacks": {}}
+    result: dict[str, Any] = {
+        "peak_images_per_second": peak,
+        "max_batch_size": info.max_batch_size,
+        "attacks": {},
+    }
     print(f"server peak (batch {info.max_batch_size}): {peak:.1f} images/s")
     for name in args.attacks:
         before = client.counter(args.model).images

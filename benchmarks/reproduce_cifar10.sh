@@ -37,13 +37,16 @@ if [ "$STAGE" = attack ] || [ "$STAGE" = all ]; then
   defcnn evaluate "$RUNS/std/model.safetensors" "$RUNS/def/model.safetensors" \
     "${DATA_ARGS[@]}" --patch-shuffle 2 4 8 --noise 0.02 0.05 0.1 \
     --out "$RUNS/corruptions.json"
-  log="$RUNS/server.log"
-  defcnn serve --model-repo "$RUNS/repo" --port 0 --metrics-port -1 --log-level WARNING >"$log" 2>&1 &
+  log="$RUNS/server.log"; ready="$RUNS/server.ready.json"
+  rm -f "$ready"
+  defcnn serve --model-repo "$RUNS/repo" --port 0 --metrics-port -1 --log-level WARNING \
+    --ready-file "$ready" >"$log" 2>&1 &
   server=$!
   trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
-  until url=$(grep -o 'ready on [0-9.]*:[0-9]*' "$log" | cut -d' ' -f3) && [ -n "$url" ]; do
-    kill -0 $server || { cat "$log"; exit 1; }; sleep 0.5
+  until [ -f "$ready" ]; do
+    kill -0 $server 2>/dev/null || { cat "$log"; exit 1; }; sleep 0.5
   done
+  url=$(python -c 'import json, sys; d = json.load(open(sys.argv[1])); print("%s:%d" % (d["host"], d["port"]))' "$ready")
   echo "server on $url"
   for sur in resnet18 vgg19 densenet121; do
     defcnn attack transfer --url "$url" --model standard --model defective \

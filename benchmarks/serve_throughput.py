@@ -21,10 +21,8 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import sysconfig
 import tempfile
 import textwrap
@@ -42,6 +40,7 @@ from defcnn.export.exporter import ExportSettings, export
 from defcnn.models import ModelSpec, create_model
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
+from defcnn.server.launcher import local_server
 
 PYTRITON_SCRIPT = """
 import sys, numpy as np, onnxruntime as ort
@@ -127,18 +126,6 @@ async def closed_loop(address: str, model: str, concurrency: int, seconds: float
     }
 
 
-def start_ours(repo: Path) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "defcnn.cli", "serve", "--model-repo", str(repo), "--port", "0",
-           "--metrics-port", "-1", "--log-level", "WARNING"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline() if proc.stdout else ""
-    match = re.search(r"ready on ([\d.]+:\d+)", line)
-    if not match:
-        proc.kill()
-        raise RuntimeError(f"defcnn serve did not start: {line!r}")
-    return proc, match.group(1)
-
-
 def start_triton(python: str, model: Path, home: Path) -> tuple[subprocess.Popen, str]:
     ports = [18101, 18100, 18102]
     env = {**os.environ, "PYTRITON_HOME": str(home)}
@@ -169,13 +156,14 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         repo = build_repo(Path(tmp))
         model = repo / "bench" / "1" / "model.onnx"
         result: dict = {"machine": machine(), "onnxruntime": ort.__version__,
                         "grpcio": grpc.__version__, "seconds": args.seconds}  # fmt: skip
         result["in_process"] = in_process(model, args.seconds)
-        servers = {"defcnn": start_ours(repo)}
+        ours = stack.enter_context(local_server(repo, Path(tmp) / "defcnn-serve.log"))
+        servers = {"defcnn": (ours.process, ours.url)}
         if args.pytriton_python:
             servers["triton"] = start_triton(args.pytriton_python, model, Path(tmp))
         try:
@@ -186,13 +174,12 @@ def main() -> None:
                     for c in args.concurrency
                 }
         finally:
-            for name, (proc, _) in servers.items():
+            if "triton" in servers:  # its own session: tritonserver is a grandchild
+                proc = servers["triton"][0]
                 with contextlib.suppress(ProcessLookupError):
-                    if name == "triton":  # its own session: tritonserver is a grandchild
-                        os.killpg(proc.pid, signal.SIGTERM)
-                    else:
-                        proc.send_signal(signal.SIGTERM)
+                    os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)
+            # the launcher stops our server when the `with` ends
 
     best = max(result["in_process"].values())
     print(f"machine: {result['machine']} | onnxruntime {ort.__version__}")

@@ -27,7 +27,7 @@ from _machine import machine
 from serve_throughput import build_repo
 
 from defcnn.client.loadtest import run_load
-from defcnn.demo.local_server import local_server
+from defcnn.server.launcher import local_server
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -81,11 +81,11 @@ def main() -> int:
                         result = run_load(server.url, "bench", images, logits, clients=c,
                                           seconds=args.seconds)  # fmt: skip
                         s = result.summary()
-                        failures += s["wrong"] + sum(s["errors"].values())
-                        rates[name][c].append(s["throughput_rps"])
+                        failures += s.failures
+                        rates[name][c].append(s.throughput_rps)
                         print(f"round {r + 1}/{args.repeats} {name:<9} c={c:<3} "
-                              f"{s['throughput_rps']:7.1f} answers/s  p50 "
-                              f"{s['latency_ms']['p50']:.1f} ms", flush=True)  # fmt: skip
+                              f"{s.throughput_rps:7.1f} answers/s  p50 "
+                              f"{s.latency_ms.p50:.1f} ms", flush=True)  # fmt: skip
     rows = []
     print("\n| clients | baseline answers/s | candidate answers/s | candidate / baseline |")
     print("|---|---|---|---|")

@@ -5,7 +5,7 @@ still run it from the source tree:
 
     python3.10 -m venv /tmp/py310 && /tmp/py310/bin/pip install grpcio 'protobuf>=6.33.5,<7' \\
         grpcio-health-checking grpcio-reflection prometheus-client onnx onnxruntime numpy
-    PYTHONPATH=train:server:protos:demo /tmp/py310/bin/python benchmarks/server_smoke.py REPO MODEL
+    PYTHONPATH=core:server:protos:app /tmp/py310/bin/python benchmarks/server_smoke.py REPO MODEL
 
 REPO is a repository written by `defcnn export`, MODEL one of its models. Checks, printing
 each: three requests that wait out a 0.3 s batch window are answered; an idle stream ends
@@ -18,13 +18,16 @@ import asyncio
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import grpc
 import numpy as np
 
-from defcnn.demo.local_server import READY
+from defcnn.errors import DefcnnError
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
+from defcnn.server.launcher import local_server
 
 
 def request(model: str, i: int) -> pb.ModelInferRequest:
@@ -35,7 +38,7 @@ def request(model: str, i: int) -> pb.ModelInferRequest:
     return r
 
 
-async def exercise(address: str, model: str, proc: subprocess.Popen[str]) -> list[bool]:
+async def exercise(address: str, model: str, proc: subprocess.Popen[bytes]) -> list[bool]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
@@ -62,27 +65,17 @@ async def exercise(address: str, model: str, proc: subprocess.Popen[str]) -> lis
 
 
 def main() -> int:
-    repo, model = sys.argv[1], sys.argv[2]
-    cmd = [sys.executable, "-m", "defcnn.cli", "serve", "--model-repo", repo, "--port", "0",
-           "--metrics-port", "-1", "--max-queue-delay-us", "300000", "--grace-seconds", "20",
-           "--log-level", "WARNING"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        match = READY.search(line)
-        if match:
-            break
-        print(line, end="")
-    else:
-        print("the server did not start")
-        return 1
-    print(f"Python {sys.version.split()[0]}, server on {match.group(1)}:{match.group(2)}")
-    checks = asyncio.run(exercise(f"{match.group(1)}:{match.group(2)}", model, proc))
-    try:
-        code = proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        code = None
+    repo, model = Path(sys.argv[1]), sys.argv[2]
+    extra = ["--max-queue-delay-us", "300000"]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            with local_server(repo, Path(tmp) / "serve.log", extra=extra, grace_s=20) as server:
+                print(f"Python {sys.version.split()[0]}, server on {server.url}")
+                checks = asyncio.run(exercise(server.url, model, server.process))
+                code = server.stop(timeout_s=30)  # SIGTERM was sent: this waits for the exit
+        except DefcnnError as exc:
+            print(exc)
+            return 1
     print(f"exit code {code}")
     return 0 if all(checks) and code == 0 else 1
 

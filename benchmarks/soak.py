@@ -42,11 +42,12 @@ def main() -> int:
             model_repo=repo, model=args.model, clients=args.clients, seconds=args.seconds,
             warmup_seconds=args.warmup, max_queue_size=args.max_queue_size, out=args.out,
         ))  # fmt: skip
-    summary = {k: result[k] for k in ("soak", "warmup", "rss_mb", "queue", "checks", "passed")}
+    saved = result.to_dict()
+    summary = {k: saved[k] for k in ("soak", "warmup", "rss_mb", "queue", "checks", "passed")}
     print(json.dumps({"machine": machine(), **summary}, indent=2))
     if args.plot:
         shutil.copyfile(Path(args.out) / "soak.png", args.plot)
-    return 0 if result["passed"] else 1
+    return 0 if result.passed else 1
 
 
 if __name__ == "__main__":

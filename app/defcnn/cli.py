@@ -14,11 +14,47 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from defcnn.errors import ConfigError, DefcnnError
 from defcnn.names import ARCH_NAMES, DATASETS, SCHEDULES
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _shown(value: object) -> str:
+    """A default as a user would type it: lists space-separated, not as Python reprs."""
+    if isinstance(value, list | tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except where there is none to show: a default of
+    None (the help says what happens then), a bare flag's False, an empty list."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == [] or "%(default)" in help_text
+                or default is argparse.SUPPRESS or not action.option_strings):  # fmt: skip
+            return action.help
+        return f"{help_text} (default: {_shown(default).replace('%', '%%')})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows defaults; its subparsers are _Parsers too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _version() -> str:
+    from defcnn.versions import versions
+
+    return versions().get("defcnn", "unknown (not installed)")
 
 
 def _keep_prob(text: str) -> float:
@@ -36,7 +72,7 @@ def _positive_float(text: str) -> float:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits")
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="data set")
     p.add_argument(
         "--data-dir", help="cifar10: folder of the python batches; imagefolder: tree or .tar(.gz)"
     )
@@ -48,19 +84,20 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a standard or defective CNN")
-    p.add_argument("--arch", choices=ARCH_NAMES, default="resnet18")
+    p.add_argument("--arch", choices=ARCH_NAMES, default="resnet18", help="architecture")
     p.add_argument("--width", type=_positive_float, default=1.0, help="channel multiplier")
     p.add_argument("--defective", action="store_true", help="insert defective masks")
-    p.add_argument("--keep-prob", type=_keep_prob, default=0.1, help="default: 0.1 (paper)")
+    p.add_argument("--keep-prob", type=_keep_prob, default=0.1,
+                   help="defective masks: fraction of neurons kept (the paper's)")  # fmt: skip
     p.add_argument("--stages", nargs="+", help="defective stages (default: the paper's)")
     p.add_argument("--shared-mask", action="store_true", help="one spatial mask per layer")
     p.add_argument("--mask-seed", type=int, help="seed of the masks (default: --seed)")
     _add_data_args(p)
-    p.add_argument("--epochs", type=int, default=350)
+    p.add_argument("--epochs", type=int, default=350, help="passes over the training split")
     p.add_argument("--batch-size", type=int, help="default: 128 (paper); digits: 32")
     p.add_argument("--lr", type=_positive_float, help="default: 0.1 x batch / 128")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     p.add_argument(
         "--schedule", choices=SCHEDULES, help="default: paper for >= 100 epochs, else fast"
     )
@@ -71,7 +108,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--checkpoint-seconds", type=_positive_float, default=300.0)
+    p.add_argument("--checkpoint-seconds", type=_positive_float, default=300.0,
+                   help="save checkpoint-last this often")  # fmt: skip
     p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
@@ -79,6 +117,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from defcnn.training import TrainConfig, train
+    from defcnn.training.config import FROM_PRESET
 
     schedule = args.schedule or ("paper" if args.epochs >= 100 else "fast")
     cfg = TrainConfig(
@@ -88,7 +127,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         image_size=args.image_size, download=args.download, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=schedule, crop_pad=args.crop_pad,
-        flip=False if args.no_flip else None, seed=args.seed, device=args.device,
+        flip=False if args.no_flip else FROM_PRESET, seed=args.seed, device=args.device,
         amp=not args.no_amp, out=args.out, checkpoint_seconds=args.checkpoint_seconds,
         max_steps=args.max_steps,
     )  # fmt: skip
@@ -103,8 +142,8 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", nargs="+", help="one or more checkpoints (compared side by side)")
     _add_data_args(p)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
     p.add_argument(
         "--patch-shuffle", type=int, nargs="*", metavar="K",
         help="also shuffle KxK grids of patches (shape-vs-texture probe; bare flag: 2 4 8)",
@@ -131,12 +170,11 @@ def _run_name(path: str, taken: set[str]) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from defcnn.atomic import write_json
     from defcnn.checkpoint import load_model
     from defcnn.data import load_dataset
-    from defcnn.robustness import corruption_table, evaluate_corruptions
+    from defcnn.robustness import EvaluationResult, evaluate_corruptions
+    from defcnn.sampling import seeded_subset
     from defcnn.training.distributed import pick_device
 
     if args.out:  # fail before the work, not after it
@@ -159,9 +197,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             )
     x, y = data.test_x, data.test_y
     if args.num_images is not None:
-        if args.num_images < 1:
-            raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
-        idx = np.sort(np.random.default_rng(args.seed).permutation(len(y))[: args.num_images])
+        idx = seeded_subset(len(y), args.num_images, args.seed, what="--num-images")
         x, y = x[idx], y[idx]
     grids = [] if args.patch_shuffle is None else (args.patch_shuffle or [2, 4, 8])
     sigmas = [] if args.noise is None else (args.noise or [0.05, 0.1])
@@ -169,14 +205,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         {name: model for name, (model, _) in loaded.items()}, x, y, grids=grids,
         sigmas=sigmas, seed=args.seed, device=device, batch_size=args.batch_size,
     )  # fmt: skip
-    result = {
-        "dataset": data.source, "images": len(y), "seed": args.seed,
-        "checkpoints": {name: p for name, p in zip(loaded, args.checkpoint, strict=True)},
-        "rows": rows,
-    }  # fmt: skip
-    table = corruption_table(rows, list(loaded))
+    result = EvaluationResult(
+        dataset=data.source, images=len(y), seed=args.seed,
+        checkpoints=dict(zip(loaded, args.checkpoint, strict=True)), rows=tuple(rows),
+    )  # fmt: skip
+    table = result.table()
     if args.out:
-        write_json(Path(args.out), result)
+        write_json(Path(args.out), result.to_dict())
         Path(args.out).with_suffix(".md").write_text(table + "\n")
     print(table)
     return EXIT_OK
@@ -184,18 +219,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="checkpoint -> verified ONNX in a Triton model repository")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="model.safetensors written by defcnn train")
     p.add_argument("--repo", required=True, help="model repository folder")
     p.add_argument("--name", required=True, help="model name (a folder in the repository)")
     p.add_argument("--version", type=int, help="default: one past the newest")
-    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, default=64, help="largest batch served")
     p.add_argument(
-        "--max-queue-delay-us", type=int, default=0, help="dynamic batching wait (default 0)"
+        "--max-queue-delay-us", type=int, default=0, help="dynamic batching wait (microseconds)"
     )
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (GPU)")
     p.add_argument("--fp16", action="store_true", help="with --tensorrt: also an FP16 engine")
     p.add_argument("--dataset", choices=DATASETS, help="real inputs for parity (default: ckpt's)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="folder of --dataset, if it needs one")
     p.set_defaults(func=_cmd_export)
 
 
@@ -215,27 +250,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC")
     p.add_argument("--model-repo", required=True, help="repository written by defcnn export")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback: local only)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus port (-1: off)")
-    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                   help="inference runtime")  # fmt: skip
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where models run (auto: CUDA when available)")  # fmt: skip
     p.add_argument("--max-batch-size", type=int, help="default: each model's config.pbtxt")
     p.add_argument("--max-queue-delay-us", type=int, help="default: each model's config.pbtxt")
     p.add_argument("--max-queue-size", type=int, default=1024, help="requests per model version")
     p.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
     p.add_argument("--auth-token-file", help="require this bearer token (or $DEFCNN_AUTH_TOKEN)")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
+    p.add_argument("--tls-cert", help="server certificate (PEM); serves TLS with --tls-key")
+    p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     p.add_argument("--tls-ca", help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM")
     p.add_argument(
         "--drain-quiet-seconds", type=float, default=0.25,
         help="while draining, keep refusing with UNAVAILABLE until no call has arrived for "
-        "this long, then close the port (default 0.25)",
+        "this long, then close the port",
     )  # fmt: skip
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--ready-file", metavar="PATH",
+        help="once serving, write JSON here (host, port, metrics_port, pid, models with "
+        "readiness); its folder must exist; removed on shutdown",
+    )  # fmt: skip
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
+                   help="least severe log level written (any case)")  # fmt: skip
     p.set_defaults(func=_cmd_serve)
 
 
@@ -263,7 +306,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ),
         auth_token_file=args.auth_token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_ca=args.tls_ca, max_message_mb=args.max_message_mb, grace_s=args.grace_seconds,
-        drain_quiet_s=args.drain_quiet_seconds,
+        drain_quiet_s=args.drain_quiet_seconds, ready_file=args.ready_file,
     )  # fmt: skip
     return asyncio.run(serve(settings))
 
@@ -272,23 +315,35 @@ _ATTACK_DEFAULTS: dict[str, object] = {
     "dataset": "digits", "num_images": 100, "seed": 0, "timeout": 60.0, "batch_size": 64,
     "attack": None, "eps": None, "budget": 1000,
 }  # fmt: skip
+_TRANSFER_EPS, _QUERY_EPS = [16.0], 16.0  # when neither the flags nor --config set --eps
+
+
+def _attack_default(name: str) -> str:
+    """The "(default: ...)" of an attack option: its argparse default stays None, so that
+    a value from --config can tell itself apart from one on the command line."""
+    shown = {"eps_transfer": _TRANSFER_EPS, "eps_query": _QUERY_EPS}.get(name)
+    return f"(default: {_shown(shown if shown is not None else _ATTACK_DEFAULTS[name])})"
 
 
 def _attack_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="HOST:PORT of the endpoint")
     p.add_argument("--model", action="append", help="endpoint model (repeat for several)")
-    p.add_argument("--dataset", choices=DATASETS)
-    p.add_argument("--data-dir")
-    p.add_argument("--num-images", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--dataset", choices=DATASETS, help=f"data set {_attack_default('dataset')}")
+    p.add_argument("--data-dir", help="folder of --dataset, if it needs one")
+    p.add_argument(
+        "--num-images",
+        type=int,
+        help=f"images of a seeded test subset {_attack_default('num_images')}",
+    )
+    p.add_argument("--seed", type=int, help=f"seed of subset and attacks {_attack_default('seed')}")
     p.add_argument("--out", help="report folder (a rerun resumes from what is there)")
     p.add_argument("--config", help="JSON file with the same settings (flags win)")
-    p.add_argument("--token-file")
-    p.add_argument("--tls-ca")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
-    p.add_argument("--timeout", type=float)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--token-file", help="bearer token file (first line)")
+    p.add_argument("--tls-ca", help="CA certificate to verify the server (implies TLS)")
+    p.add_argument("--tls-cert", help="client certificate for mutual TLS (with --tls-key)")
+    p.add_argument("--tls-key", help="private key of --tls-cert")
+    p.add_argument("--timeout", type=float, help=f"seconds per RPC {_attack_default('timeout')}")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _attack_parser(sub: argparse._SubParsersAction) -> None:
@@ -297,15 +352,25 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
     t = kinds.add_parser("transfer", help="craft on local surrogates, send to the endpoint")
     _attack_common(t)
     t.add_argument("--surrogate", action="append", help="surrogate checkpoint (repeat: ensemble)")
-    t.add_argument("--attack", nargs="+", choices=("fgsm", "pgd", "mifgsm", "difgsm", "cwl2"))
-    t.add_argument("--eps", type=float, nargs="+", help="L-inf budgets in 1/255 units")
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--attack", nargs="+", choices=("fgsm", "pgd", "mifgsm", "difgsm", "cwl2"),
+                   help="white-box attacks run on the surrogates")  # fmt: skip
+    t.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        help=f"L-inf budgets in 1/255 units {_attack_default('eps_transfer')}",
+    )
+    t.add_argument("--batch-size", type=int,
+                   help=f"images crafted at once {_attack_default('batch_size')}")  # fmt: skip
     t.set_defaults(func=_cmd_attack)
     q = kinds.add_parser("query", help="query-based black-box attack through the endpoint")
     _attack_common(q)
-    q.add_argument("--attack", choices=("square", "hopskipjump", "boundary", "simba"))
-    q.add_argument("--budget", type=int, help="queries per image (default 1000)")
-    q.add_argument("--eps", type=float, help="L-inf budget in 1/255 units (square, simba)")
+    q.add_argument("--attack", choices=("square", "hopskipjump", "boundary", "simba"),
+                   help="black-box attack")  # fmt: skip
+    q.add_argument("--budget", type=int, help=f"queries per image {_attack_default('budget')}")
+    q.add_argument("--eps", type=float,
+                   help=f"L-inf budget in 1/255 units, square and simba "
+                   f"{_attack_default('eps_query')}")  # fmt: skip
     q.set_defaults(func=_cmd_attack)
 
 
@@ -326,7 +391,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read --config {args.config}: {exc}") from exc
 
-    def get(name: str) -> object:
+    def get(name: str) -> Any:  # a flag, a --config value or the default: any JSON type
         value = getattr(args, name, None)
         if value is None or value is False:
             value = config.get(name, _ATTACK_DEFAULTS.get(name))
@@ -347,36 +412,26 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         surrogates = get("surrogate")
         if not surrogates:
             raise ConfigError("--surrogate is required (a checkpoint; repeat for an ensemble)")
-        attacks, eps = get("attack"), get("eps") or [16.0]
-        settings = TransferSettings(
+        attacks, eps = get("attack"), get("eps") or _TRANSFER_EPS
+        transfer = TransferSettings(
             endpoint=endpoint, surrogates=tuple(surrogates), data=data, out=str(get("out")),
             attacks=tuple(attacks if isinstance(attacks, list) else [attacks]),
             eps_255=tuple(float(e) for e in (eps if isinstance(eps, list) else [eps])),
             batch_size=int(get("batch_size")),
         )  # fmt: skip
-        results = run_transfer(settings, progress=not args.quiet)
-        for row in results["rows"]:
-            print(
-                f"{row['target']:<20} {row['attack']:<7} eps {row['eps_255']:>5g}/255  "
-                f"acc clean {row['accuracy_clean']:.3f} adv {row['accuracy_adversarial']:.3f}  "
-                f"transfer metric {row['transfer_accuracy']:.3f}"
-            )
+        for row in run_transfer(transfer, progress=not args.quiet).rows:
+            print(row.line())
     else:
         budget = int(get("budget"))
         if budget < 1:
             raise ConfigError(f"--budget must be >= 1, got {budget}")
-        settings = QuerySettings(
+        query = QuerySettings(
             endpoint=endpoint, attack=str(get("attack")), budget=budget, data=data,
-            eps_255=float(get("eps") or 16.0), out=str(get("out")),
+            eps_255=float(get("eps") or _QUERY_EPS), out=str(get("out")),
         )  # fmt: skip
-        results = run_query(settings, progress=not args.quiet)
-        for model, entry in results["models"].items():
-            last = entry["by_budget"][-1]
-            extra = f" median L2 {last['median_l2']}" if "median_l2" in last else ""
-            print(
-                f"{model:<20} {settings.attack} budget {last['budget']}: success "
-                f"{last['success_rate']:.3f} median queries {last['median_queries']}{extra}"
-            )
+        results = run_query(query, progress=not args.quiet)
+        for model in results.models:
+            print(results.line(model))
     print(f"report: {Path(str(get('out'))) / 'report.md'}")
     return EXIT_OK
 
@@ -386,11 +441,11 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="PNG/JPEG files or folders")
     p.add_argument("--url", required=True, help="HOST:PORT, grpc://HOST:PORT or grpcs://...")
     p.add_argument("--model", required=True, help="model name in the server's repository")
-    p.add_argument("--top-k", type=int, default=1, help="classes to print per image (default 1)")
+    p.add_argument("--top-k", type=int, default=1, help="classes to print per image")
     p.add_argument("--token-file", help="bearer token file (first line)")
     p.add_argument("--tls-ca", help="CA certificate to verify the server (implies TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS (with --tls-key)")
-    p.add_argument("--tls-key")
+    p.add_argument("--tls-key", help="private key of --tls-cert")
     p.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds per RPC")
     p.set_defaults(func=_cmd_classify)
 
@@ -399,16 +454,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     import numpy as np
 
     from defcnn.client import InferenceClient
-    from defcnn.client.images import find_images, load_images
+    from defcnn.images import find_images, load_images
+    from defcnn.tokens import read_token_file
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    token = None
-    if args.token_file:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --token-file {args.token_file}: {exc}") from exc
+    token = read_token_file(args.token_file) if args.token_file else None
     paths = find_images(args.paths)
     with InferenceClient(
         args.url, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -427,14 +478,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo", help="the whole pipeline: train, export, serve, attack, compare (default: digits)"
-    )
+    p = sub.add_parser("demo", help="the whole pipeline: train, export, serve, attack, compare")
     p.add_argument("--out", default="runs/demo", help="run folder (a rerun resumes from it)")
     _add_data_args(p)
     p.add_argument("--arch", choices=ARCH_NAMES, default="resnet18", help="both targets' arch")
-    p.add_argument("--width", type=_positive_float, default=0.25, help="default: 0.25")
-    p.add_argument("--epochs", type=int, default=3, help="default: 3")
+    p.add_argument("--width", type=_positive_float, default=0.25, help="channel multiplier")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of every model")
     p.add_argument("--keep-prob", type=_keep_prob, default=0.1, help="defective target")
     p.add_argument("--seed", type=int, default=0, help="targets, data sample and attacks")
     p.add_argument("--surrogate-arch", choices=ARCH_NAMES, help="default: same as --arch")
@@ -444,13 +493,15 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
                    help="another surrogate checkpoint for the ensemble (repeatable)")  # fmt: skip
     p.add_argument("--device", default="auto", help="training and crafting: auto, cpu, cuda")
     p.add_argument("--attack", nargs="+", default=["fgsm", "pgd", "mifgsm"],
-                   choices=("fgsm", "pgd", "mifgsm", "difgsm", "cwl2"))  # fmt: skip
+                   choices=("fgsm", "pgd", "mifgsm", "difgsm", "cwl2"),
+                   help="transfer attacks")  # fmt: skip
     p.add_argument("--eps", type=_positive_float, nargs="+", default=[8.0, 16.0, 32.0],
                    help="transfer L-inf budgets in 1/255 units")  # fmt: skip
     p.add_argument("--num-images", type=int, default=100, help="transfer-attack images")
     p.add_argument("--query-attack", default="square",
-                   choices=("square", "hopskipjump", "boundary", "simba"))  # fmt: skip
-    p.add_argument("--budget", type=int, default=500, help="queries per image (default 500)")
+                   choices=("square", "hopskipjump", "boundary", "simba"),
+                   help="black-box attack through the endpoints")  # fmt: skip
+    p.add_argument("--budget", type=int, default=500, help="queries per image")
     p.add_argument("--query-images", type=int, default=20, help="query-attack images")
     p.add_argument("--query-eps", type=_positive_float, default=16.0, help="square/simba L-inf")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -481,14 +532,14 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     s = kinds.add_parser("soak", help="many clients for a bounded time; every answer checked")
     s.add_argument("--model-repo", required=True, help="repository written by defcnn export")
     s.add_argument("--model", required=True, help="model to load")
-    s.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
+    s.add_argument("--clients", type=int, default=64, help="concurrent clients")
     s.add_argument("--seconds", type=_positive_float, default=60.0, help="soak time")
     s.add_argument("--warmup", type=float, default=10.0, help="seconds before watching memory")
     s.add_argument("--batch", type=int, default=1, help="images per request")
     s.add_argument("--max-queue-size", type=int, default=256, help="the server's queue bound")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the images sent")
     s.add_argument("--out", default="runs/soak", help="folder for soak.json and soak.png")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_bench)
 
 
@@ -501,18 +552,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         max_queue_size=args.max_queue_size, seed=args.seed, out=args.out,
     )  # fmt: skip
     result = run_soak(settings, progress=not args.quiet)
-    soak, rss = result["soak"], result["rss_mb"]
-    print(
-        f"{soak['requests']} requests from {soak['clients']} clients in {soak['seconds']} s: "
-        f"{soak['ok']} correct, {soak['wrong']} wrong, errors {soak['errors'] or 'none'}; "
-        f"{soak['throughput_rps']} answers/s, p99 {soak['latency_ms']['p99']:.1f} ms; "
-        f"RSS {rss['after_warmup']:.0f} -> max {rss['max']:.0f} MiB ({rss['growth']:+.1%}); "
-        f"queue max {result['queue']['max_depth']:g} of {result['queue']['bound']}"
-    )
-    for name, ok in result["checks"].items():
+    print(result.line())
+    for name, ok in result.checks.items():
         print(f"  {'PASS' if ok else 'FAIL'} {name}")
     print(f"report: {Path(args.out) / 'soak.json'}")
-    return EXIT_OK if result["passed"] else EXIT_ERROR
+    return EXIT_OK if result.passed else EXIT_ERROR
 
 
 _PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
@@ -528,13 +572,19 @@ _PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="defcnn", description="Train, export, serve and attack defective CNNs."
-    )
+    parser = _Parser(prog="defcnn", description="Train, export, serve and attack defective CNNs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _PARSERS:
         add(sub)
     return parser
+
+
+# A base install serves and classifies; the other subcommands need an extra. Modules that
+# only the extras bring, and the extra each subcommand needs (pyproject.toml).
+_EXTRA_MODULES = frozenset({"torch", "safetensors", "sklearn", "tqdm", "matplotlib", "onnx", "art"})
+_EXTRA_OF = {"train": "train", "evaluate": "train", "export": "train", "attack": "attack",
+             "demo": "all", "bench": "train"}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,6 +592,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in _EXTRA_MODULES:
+            raise
+        extra = _EXTRA_OF.get(args.command, "all")
+        print(
+            f"defcnn {args.command}: error: needs the [{extra}] extra ({top} is not installed): "
+            f"pip install 'defective-cnn[{extra}]'",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     except ConfigError as exc:
         print(f"defcnn {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

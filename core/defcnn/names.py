@@ -1,6 +1,7 @@
 """Names shared across stages, kept free of heavy imports: the CLI's choices (so
 `defcnn --help` and the torch-free server build the parser without loading torch) and the
-file names of TensorRT engines (written by export, read by the server).
+file names of a Triton model repository and of TensorRT engines (written by export, read by
+the server).
 
 The registries that implement these names check against them (see tests/unit/test_repo.py).
 """
@@ -12,6 +13,13 @@ import re
 ARCH_NAMES = ("densenet121", "resnet18", "resnet18_imagenet", "resnet50", "senet18", "vgg19")
 DATASETS = ("digits", "cifar10", "imagefolder")
 SCHEDULES = ("paper", "fast")
+
+# The Triton repository layout: REPO/NAME/{CONFIG_FILE, LABELS_FILE} and
+# REPO/NAME/<version>/{MODEL_FILE, REPORT_FILE, TensorRT engines (engine_name)}.
+CONFIG_FILE = "config.pbtxt"
+LABELS_FILE = "labels.txt"
+MODEL_FILE = "model.onnx"
+REPORT_FILE = "verification.json"
 
 _ENGINE = re.compile(r"^model\.sm(\d+)\.trt([\d.]+)\.(fp32|fp16)\.plan$")
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
+import contextlib
+import itertools
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,46 +16,73 @@ import pytest
 
 from defcnn.export.exporter import ExportSettings, export
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
+from defcnn.server.launcher import LocalServer, local_server
 from defcnn.training import TrainConfig, train
 
-READY = re.compile(r"ready on ([\d.]+):(\d+) .*?(?:metrics on :(\d+))?\)")
+_LOGS: list[Path] = []  # the session's folder for server logs, set by _server_logs
+_COUNT = itertools.count()
+_OPEN: list[contextlib.ExitStack] = []  # servers start_server started and no test stopped
 
 
 @dataclass
 class ServerProcess:
-    proc: subprocess.Popen[str]
-    address: str
-    metrics_port: int | None
+    """A server started by `start_server`, open until `stop` (or the end of the test)."""
+
+    server: LocalServer
+    _exit: contextlib.ExitStack
+
+    @property
+    def address(self) -> str:
+        return self.server.url
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.server.metrics_port
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.server.process
 
     def stub(self, channel: grpc.Channel | None = None) -> pb_grpc.GRPCInferenceServiceStub:
         return pb_grpc.GRPCInferenceServiceStub(channel or grpc.insecure_channel(self.address))
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
+        """SIGTERM and wait; the exit code (0 after a clean drain)."""
+        code = self.server.stop(timeout_s=30)
+        self._exit.close()
+        return code
 
 
 def start_server(repo: Path, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start `defcnn serve` on port 0 and wait for its ready line."""
-    cmd = [sys.executable, "-m", "defcnn.cli", "serve", "--model-repo", str(repo),
-           "--port", "0", "--metrics-port", "0", "--log-level", "WARNING", *extra]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        match = READY.search(line)
-        if match:
-            metrics = int(match.group(3)) if match.group(3) else None
-            return ServerProcess(proc, f"{match.group(1)}:{match.group(2)}", metrics)
-    proc.kill()
-    raise RuntimeError(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
+    """Start `defcnn serve` (port 0, metrics on) with the launcher, without a `with` block:
+    for tests that stop, kill or restart it themselves. Anything left running is stopped
+    when the test ends."""
+    srv = _launch(repo, extra, env)
+    _OPEN.append(srv._exit)
+    return srv
+
+
+def _launch(repo: Path, extra: tuple[str, ...], env: dict[str, str] | None) -> ServerProcess:
+    log = _LOGS[0] / f"server-{next(_COUNT)}.log"
+    stack = contextlib.ExitStack()
+    server = stack.enter_context(
+        local_server(repo, log, metrics=True, extra=extra, env=env, grace_s=10.0)
+    )
+    return ServerProcess(server, stack)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _server_logs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _LOGS[:] = [tmp_path_factory.mktemp("server-logs")]
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_servers() -> Iterator[None]:
+    """A test that fails before its `stop` leaves no server behind."""
+    before = len(_OPEN)
+    yield
+    while len(_OPEN) > before:
+        _OPEN.pop().close()
 
 
 @dataclass
@@ -92,9 +116,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
 
 @pytest.fixture(scope="module")
 def server(repo: Repo) -> Iterator[ServerProcess]:
-    srv = start_server(repo.root, "--max-queue-delay-us", "5000")
-    yield srv
-    assert srv.stop() == 0
+    srv = _launch(repo.root, ("--max-queue-delay-us", "5000"), None)
+    try:
+        yield srv
+    finally:
+        assert srv.stop() == 0
 
 
 @pytest.fixture(scope="session")

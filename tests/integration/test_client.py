@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,8 +25,8 @@ from defcnn.client import (
     QueryBudgetExceeded,
     QueryCounter,
 )
-from defcnn.client.images import load_images
 from defcnn.errors import ConfigError
+from defcnn.images import load_images
 
 LABELS = [str(i) for i in range(10)]
 ENTRY = re.compile(r"^(\S+) \(p=([\d.]+)\)$")
@@ -136,7 +137,13 @@ def test_errors_unknown_not_ready_and_bad_shapes(server) -> None:
         assert client.counter("broken") == QueryCounter(images=3, rpcs=3)  # 1 try + 2 retries
         client.info("digits")
         sent = client.counter("digits")
-        for bad in (images(2)[:, :, :31], images(2)[0], np.zeros((0, 3, 32, 32)), [["x"]]):
+        bad_inputs: list[Any] = [
+            images(2)[:, :, :31],
+            images(2)[0],
+            np.zeros((0, 3, 32, 32)),
+            [["x"]],
+        ]
+        for bad in bad_inputs:
             with pytest.raises(ConfigError):
                 client.logits("digits", bad)
         nan = images(1)
@@ -187,7 +194,11 @@ def test_bearer_token_and_mutual_tls(repo, launch, certificates, tmp_path: Path,
         repo.root, "--auth-token-file", str(token), "--tls-cert", f["server.crt"],
         "--tls-key", f["server.key"], "--tls-ca", f["ca.crt"],
     )  # fmt: skip
-    tls = {"tls_ca": f["ca.crt"], "tls_cert": f["client.crt"], "tls_key": f["client.key"]}
+    tls: dict[str, Any] = {
+        "tls_ca": f["ca.crt"],
+        "tls_cert": f["client.crt"],
+        "tls_key": f["client.key"],
+    }
     x = images(3, seed=9)
     try:
         with InferenceClient(srv.address, token="s3cret-token", **tls) as client:
@@ -235,8 +246,8 @@ def test_classify_cli_prints_top_k_per_file(server, repo, tmp_path: Path, capsys
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in paths]
     reference = repo.reference(load_images(paths, 32, 32))
     for line, ref in zip(lines, reference, strict=True):
-        entries = [ENTRY.match(e) for e in line.split("\t")[1].split(", ")]
-        assert len(entries) == 2 and all(entries)
+        entries = [m for e in line.split("\t")[1].split(", ") if (m := ENTRY.match(e))]
+        assert len(entries) == 2  # two entries, each "label (p=...)"
         labels = [m.group(1) for m in entries]
         probabilities = [float(m.group(2)) for m in entries]
         assert labels[0] == LABELS[int(ref.argmax())] and labels[1] in LABELS
@@ -255,7 +266,7 @@ def test_classify_cli_prints_top_k_per_file(server, repo, tmp_path: Path, capsys
 
 def test_client_package_never_imports_torch() -> None:
     code = (
-        "import sys, defcnn.client, defcnn.client.images; "
+        "import sys, defcnn.client, defcnn.images; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -58,6 +58,9 @@ def test_demo_runs_every_stage_and_prints_the_comparison(finished: tuple[Path, s
         assert f"[{i}/5]" in stdout
     assert "| transfer FGSM 16/255 | accuracy under attack |" in stdout
     assert "| query square (20 queries/image) | success rate |" in stdout
+    summary_md = (out / "summary.md").read_text()
+    for text in (stdout, summary_md):  # what people read: no Python None or dict text
+        assert "None" not in text and "{" not in text and "nan" not in text
     for name in ("standard", "defective", "surrogate"):
         assert (out / "models" / name / "model.safetensors").exists()
     for name in ("standard", "defective"):

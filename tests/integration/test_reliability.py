@@ -5,6 +5,7 @@ path-like model names."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
@@ -18,11 +19,12 @@ import numpy as np
 import onnx
 import pytest
 
-from defcnn.bench.soak import SoakSettings, queue_gauges, run_soak
+from defcnn.bench.soak import SoakChecks, SoakSettings, run_soak
 from defcnn.client.loadtest import run_load
-from defcnn.demo.local_server import local_server
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
+from defcnn.server.launcher import local_server
+from defcnn.server.scrape import queue_gauges
 
 from .conftest import start_server
 from .test_server import images, infer_request, logits_of
@@ -38,12 +40,15 @@ def test_short_soak_64_clients_every_answer_right_memory_flat(repo, tmp_path: Pa
     settings = SoakSettings(model_repo=str(repo.root), model="digits", clients=64, seconds=6,
                             warmup_seconds=2, max_queue_size=256, out=str(tmp_path))  # fmt: skip
     result = run_soak(settings, progress=False)
-    soak = result["soak"]
-    assert result["checks"] == {"no_errors": True, "every_answer_correct": True,
-                                "memory_flat": True, "queue_bound_respected": True}  # fmt: skip
-    assert soak["ok"] == soak["requests"] > 100  # everything answered, and right
-    assert 1 <= result["queue"]["max_depth"] <= 256  # 64 clients really queued together
-    assert len(result["timeline"]) >= 6 and all("rss_mb" in r for r in result["timeline"])
+    soak = result.soak
+    assert result.checks == SoakChecks(no_errors=True, every_answer_correct=True,
+                                       memory_flat=True, queue_bound_respected=True)  # fmt: skip
+    assert result.passed
+    assert soak.ok == soak.requests > 100  # everything answered, and right
+    assert 1 <= result.queue.max_depth <= 256  # 64 clients really queued together
+    assert len(result.timeline) >= 6 and all("rss_mb" in r for r in result.timeline)
+    saved = json.loads((tmp_path / "soak.json").read_text())
+    assert saved["passed"] and saved["soak"]["ok"] == soak.ok
     assert (tmp_path / "soak.json").exists() and (tmp_path / "soak.png").exists()
 
 
@@ -75,6 +80,7 @@ def test_cancelled_and_vanished_clients_leave_nothing_behind(repo, tmp_path: Pat
         results = asyncio.run(cancel_half())
         for i, r in enumerate(results):
             if i % 2:
+                assert isinstance(r, pb.ModelInferResponse)
                 assert np.allclose(logits_of(r), repo.reference(images(1, seed=i)), atol=1e-4)
             else:
                 assert isinstance(r, asyncio.CancelledError)

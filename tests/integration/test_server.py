@@ -20,9 +20,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from defcnn.bench.soak import queue_gauges
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
+from defcnn.server.scrape import queue_gauges
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -405,6 +405,7 @@ def test_sigterm_under_load_answers_every_accepted_request(repo, launch) -> None
     accepted, late = asyncio.run(run())
     assert all(isinstance(r, pb.ModelInferResponse) for r in accepted), accepted
     for seed, r in enumerate(accepted):  # each caller got its own rows
+        assert isinstance(r, pb.ModelInferResponse)
         np.testing.assert_allclose(logits_of(r), repo.reference(images(2, seed=seed)), atol=1e-5)
     for r in late:  # arrived while draining: refused, never cancelled, lost or hung
         assert isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAVAILABLE, r

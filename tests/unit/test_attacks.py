@@ -243,8 +243,9 @@ def test_make_attack_uses_the_paper_presets() -> None:
     assert (pgd.eps, pgd.step, pgd.steps) == (8 / 255, 1 / 255, 20)
     assert make_attack("fgsm", 32 / 255).eps == 32 / 255
     assert isinstance(make_attack("difgsm"), DIFGSM)
-    assert make_attack("mifgsm", steps=10).steps == 10
-    assert make_attack("cwl2").confidence == PRESETS["cwl2"]["confidence"] == 40.0
+    mifgsm, cw = make_attack("mifgsm", steps=10), make_attack("cwl2")
+    assert isinstance(mifgsm, MIFGSM) and mifgsm.steps == 10
+    assert isinstance(cw, CWL2) and cw.confidence == PRESETS["cwl2"]["confidence"] == 40.0
     with pytest.raises(ConfigError, match="no eps"):
         make_attack("cwl2", 16 / 255)
     with pytest.raises(ConfigError, match="unknown attack"):

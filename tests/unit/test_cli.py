@@ -143,3 +143,80 @@ def test_a_failed_final_save_leaves_the_last_checkpoint_intact(
     last = load_checkpoint(out / "checkpoint-last.safetensors")  # loads: not corrupted
     assert last.meta["step"] >= before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no debris
+
+
+def test_version_prints_the_installed_distribution_version(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"defcnn {version('defective-cnn')}"
+
+
+def test_python_dash_m_defcnn_is_the_same_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "defcnn", "--version"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("defcnn ")
+    done = subprocess.run(
+        [sys.executable, "-m", "defcnn", "train"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == EXIT_USAGE and "--out" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["train"], "(default: resnet18)"),
+        (["evaluate"], "(default: 512)"),
+        (["export"], "(default: 64)"),
+        (["serve"], "(default: info)"),
+        (["attack", "transfer"], "(default: 100)"),
+        (["attack", "query"], "(default: 1000)"),
+        (["classify"], "(default: 30.0)"),
+        (["demo"], "(default: fgsm pgd mifgsm)"),
+        (["bench", "soak"], "(default: 64)"),
+    ],
+)
+def test_every_help_shows_the_defaults(
+    argv: list[str], shown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert shown in text
+    # nothing to show is not shown: no None, no bare flag's False, no Python list text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: [" not in text and "(default: default" not in text
+
+
+@pytest.mark.parametrize("level", ["DEBUG", "debug", "Warning"])
+def test_serve_log_level_is_case_insensitive(level: str) -> None:
+    from defcnn.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model-repo", "r", "--log-level", level])
+    assert args.log_level == level.lower()
+
+
+def test_serve_refuses_an_unknown_log_level(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--model-repo", "r", "--log-level", "loud"])
+    assert exc.value.code == EXIT_USAGE
+    assert "--log-level" in capsys.readouterr().err
+
+
+def test_the_servers_logging_takes_a_lower_case_level() -> None:
+    script = (
+        "import logging; from defcnn.server.app import configure_logging; "
+        "configure_logging('debug'); print(logging.getLogger().level)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "10"  # logging.DEBUG

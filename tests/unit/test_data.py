@@ -8,6 +8,7 @@ import os
 import pickle
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path
 # ---------------------------------------------------------------- CIFAR-10 official batches
 
 
-def _cifar_batch(n: int, offset: int) -> dict[bytes, object]:
+def _cifar_batch(n: int, offset: int) -> dict[bytes, Any]:
     data = ((np.arange(n * 3072).reshape(n, 3072) + offset) % 251).astype(np.uint8)
     return {
         b"batch_label": b"synthetic",
@@ -238,7 +239,7 @@ def test_imagefolder_directory_with_splits(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix,mode", [(".tar", "w"), (".tar.gz", "w:gz"), (".tgz", "w:gz")])
-def test_imagefolder_archive_with_wrapper(tmp_path: Path, suffix: str, mode: str) -> None:
+def test_imagefolder_archive_with_wrapper(tmp_path: Path, suffix: str, mode: Any) -> None:
     root = _tree(tmp_path / "tree", SPLIT_COUNTS)
     archive = tmp_path / f"data{suffix}"
     with tarfile.open(archive, mode) as tf:

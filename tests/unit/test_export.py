@@ -19,10 +19,10 @@ from onnx import numpy_helper
 from defcnn.checkpoint import load_checkpoint, load_model
 from defcnn.cli import EXIT_ERROR, EXIT_USAGE, main
 from defcnn.errors import ConfigError, ExportError
-from defcnn.export.exporter import ExportSettings, export
+from defcnn.export.exporter import ExportReport, ExportSettings, export, summary
 from defcnn.export.onnx_graph import mask_muls, read_metadata
 from defcnn.export.tensorrt_engine import check_engine
-from defcnn.names import engine_name, parse_engine_name
+from defcnn.names import CONFIG_FILE, LABELS_FILE, engine_name, parse_engine_name
 from defcnn.training import TrainConfig, train
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -174,13 +174,57 @@ print(json.dumps({
     assert labels == [str(i) for i in range(10)]
 
 
+def test_config_parses_back_into_the_servers_model_config(exported: Path) -> None:
+    from google.protobuf import text_format
+
+    from defcnn.export.triton_config import TritonModelConfig
+    from defcnn.protos import model_config_pb2 as mc
+    from defcnn.server.repository import parse_config
+
+    path = exported / "defective" / CONFIG_FILE
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    assert config == parse_config(path)  # the server reads it the same way
+    assert (config.name, config.platform, config.max_batch_size) == (
+        "defective",
+        "onnxruntime_onnx",
+        16,
+    )
+    assert config.version_policy.HasField("all")
+    [inp], [out] = config.input, config.output
+    assert (inp.name, inp.data_type, list(inp.dims)) == ("input", mc.TYPE_FP32, [3, 32, 32])
+    assert (out.name, out.data_type, list(out.dims)) == ("logits", mc.TYPE_FP32, [10])
+    assert out.label_filename == LABELS_FILE
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    [group] = config.instance_group
+    assert (group.count, group.kind) == (1, mc.ModelInstanceGroup.KIND_AUTO)
+
+    custom = TritonModelConfig(
+        name="m", input_size=64, num_classes=3, max_batch_size=8, platform="tensorrt_plan",
+        max_queue_delay_us=0, instance_count=2, preferred=[2, 8],
+    )  # fmt: skip
+    parsed = text_format.Parse(custom.to_pbtxt(), mc.ModelConfig())
+    assert parsed == custom.to_model_config()
+    assert parsed.platform == "tensorrt_plan" and list(parsed.input[0].dims) == [3, 64, 64]
+    assert list(parsed.dynamic_batching.preferred_batch_size) == [2, 8]
+    assert parsed.dynamic_batching.max_queue_delay_microseconds == 0
+    assert parsed.instance_group[0].count == 2
+
+
 def test_new_versions_leave_old_ones_intact(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     settings = ExportSettings(
         checkpoint=str(checkpoints["defective"]), repo=str(tmp_path), name="m"
     )
-    export(settings)
+    report = export(settings)
     first = (tmp_path / "m" / "1" / "model.onnx").read_bytes()
-    assert export(settings)["version"] == 2
+    # the report is a type; verification.json is its to_dict, and reads back to the same
+    saved = json.loads((tmp_path / "m" / "1" / "verification.json").read_text())
+    assert ExportReport.from_dict(saved) == report
+    assert saved["version"] == report.version == 1 and "tensorrt" not in saved
+    text = summary(report)
+    assert "exported m version 1" in text and "argmax identical" in text
+    assert "None" not in text and "{" not in text and "True" not in text
+    assert export(settings).version == 2
     assert (tmp_path / "m" / "1" / "model.onnx").read_bytes() == first
     with pytest.raises(ExportError, match="immutable"):
         export(
@@ -250,5 +294,6 @@ def test_tensorrt_engines_fp32_and_fp16_match_onnx_runtime(
         tensorrt=True, fp16=True,
     )  # fmt: skip
     report = export(settings)
-    assert {e["precision"] for e in report["tensorrt"]} == {"fp32", "fp16"}
-    assert all(e["argmax_agreement"] >= 0.999 for e in report["tensorrt"])
+    assert report.tensorrt is not None
+    assert {e.precision for e in report.tensorrt} == {"fp32", "fp16"}
+    assert all(e.argmax_agreement >= 0.999 for e in report.tensorrt)

@@ -105,7 +105,9 @@ def _enums(file: descriptor_pb2.FileDescriptorProto) -> dict[str, dict[str, int]
     return {name: {v.name: v.number for v in e.value} for name, e in enums.items()}
 
 
-def _shape(message: descriptor_pb2.DescriptorProto, field: FieldProto) -> tuple:
+def _shape(
+    message: descriptor_pb2.DescriptorProto, field: descriptor_pb2.FieldDescriptorProto
+) -> tuple:
     """What has to match for the wire (and text) format to agree."""
     oneof = None
     if field.HasField("oneof_index") and not field.proto3_optional:

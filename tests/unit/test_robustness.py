@@ -10,7 +10,12 @@ import pytest
 
 from defcnn.cli import EXIT_USAGE, main
 from defcnn.errors import ConfigError
-from defcnn.robustness import gaussian_noise, patch_shuffle
+from defcnn.robustness import (
+    EvaluationResult,
+    corruption_table,
+    gaussian_noise,
+    patch_shuffle,
+)
 
 
 def _images(n: int = 5, side: int = 32) -> np.ndarray:
@@ -92,6 +97,12 @@ def test_evaluate_compares_models_under_corruptions(
     # digits cut into a 4x4 jigsaw are hard to read: accuracy must drop
     assert result["rows"][2]["std"] < clean["std"]
     assert Path(report.with_suffix(".md")).read_text().startswith("| corruption |")
+    # the file is EvaluationResult.to_dict(): it reads back into the same rows
+    typed = EvaluationResult.from_dict(result)
+    assert typed.to_dict() == result
+    assert typed.rows[0].accuracy == {"std": clean["std"], "def": clean["def"]}
+    table_md = Path(report.with_suffix(".md")).read_text()
+    assert corruption_table(typed.rows, ["std", "def"]) + "\n" == table_md
 
 
 def test_evaluate_rejects_a_grid_that_does_not_tile(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,10 +24,10 @@ from defcnn.models import create_model
 from defcnn.training import TrainConfig, lr_at, train
 from defcnn.training.loop import FINAL, LAST, epoch_order, global_batch, steps_per_epoch
 
-TINY = {"arch": "resnet18", "width": 0.125, "defective": True, "keep_prob": 0.5}
+TINY: dict[str, Any] = {"arch": "resnet18", "width": 0.125, "defective": True, "keep_prob": 0.5}
 
 
-def _cfg(out: Path, **kw: object) -> TrainConfig:
+def _cfg(out: Path, **kw: Any) -> TrainConfig:
     return TrainConfig(
         **{**TINY, "dataset": "digits", "epochs": 2, "schedule": "fast", **kw}, out=str(out)
     )
@@ -134,7 +135,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_step(tmp_path: Path) -> No
     losses = [F.cross_entropy(model(xs), ys) for xs, ys in zip(x.chunk(2), y.chunk(2), strict=True)]
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, 0, steps_per_epoch(len(images), cfg))
-    (sum(losses) / 2).backward()
+    ((losses[0] + losses[1]) / 2).backward()
     opt.step()
     for name, param in model.named_parameters():
         assert torch.allclose(param.detach(), ddp.state_dict[name], atol=1e-5), name

@@ -7,19 +7,22 @@ by less than 10%, and the queue never holds more than its bound.
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from defcnn.atomic import write_json
-from defcnn.demo.local_server import local_server, sigterm_as_interrupt
 from defcnn.errors import ConfigError
+from defcnn.names import MODEL_FILE
+from defcnn.server.launcher import local_server, sigterm_as_interrupt
+from defcnn.server.scrape import queue_gauges
+
+if TYPE_CHECKING:
+    from defcnn.client.loadtest import LoadSummary
 
 MAX_RSS_GROWTH = 0.10
 
@@ -38,26 +41,75 @@ class SoakSettings:
     out: str = "runs/soak"
 
 
+@dataclass(frozen=True)
+class RssFigures:
+    """The server's resident memory in MiB; `growth` is max over after-warm-up, minus 1."""
+
+    start: float
+    after_warmup: float
+    max: float
+    end: float
+    growth: float
+
+
+@dataclass(frozen=True)
+class QueueFigures:
+    bound: int
+    max_depth: float  # the server's own high-water mark
+    max_pending_sampled: float  # the most requests seen waiting at a once-a-second sample
+
+
+@dataclass(frozen=True)
+class SoakChecks:
+    """The four pass criteria."""
+
+    no_errors: bool
+    every_answer_correct: bool
+    memory_flat: bool
+    queue_bound_respected: bool
+
+    def items(self) -> list[tuple[str, bool]]:
+        return list(asdict(self).items())
+
+
+@dataclass(frozen=True)
+class SoakResult:
+    """soak.json is its `to_dict()`."""
+
+    settings: SoakSettings
+    warmup: LoadSummary
+    soak: LoadSummary
+    rss_mb: RssFigures
+    queue: QueueFigures
+    checks: SoakChecks
+    timeline: list[dict[str, float]]  # once a second: "t", "ok", "errors", "wrong", samples
+    finished: str
+
+    @property
+    def passed(self) -> bool:
+        return all(ok for _, ok in self.checks.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def line(self) -> str:
+        """The soak in one line, for a console."""
+        soak, rss = self.soak, self.rss_mb
+        return (
+            f"{soak.requests} requests from {soak.clients} clients in {soak.seconds} s: "
+            f"{soak.ok} correct, {soak.wrong} wrong, errors {soak.errors_text()}; "
+            f"{soak.throughput_rps} answers/s, p99 {soak.latency_ms.p99:.1f} ms; "
+            f"RSS {rss.after_warmup:.0f} -> max {rss.max:.0f} MiB ({rss.growth:+.1%}); "
+            f"queue max {self.queue.max_depth:g} of {self.queue.bound}"
+        )
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process (Linux /proc), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise ConfigError(f"no VmRSS for process {pid}")
-
-
-def queue_gauges(metrics_port: int, model: str) -> dict[str, float]:
-    """The server's queue gauges for `model`, read from its Prometheus endpoint."""
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    out = {}
-    for name, key in (("nv_inference_pending_request_count", "pending"),
-                      ("defcnn_queue_max_depth", "max_depth")):  # fmt: skip
-        found = re.findall(rf'^{name}{{model="{re.escape(model)}",version="\d+"}} (\S+)$', text,
-                           flags=re.M)  # fmt: skip
-        out[key] = max((float(v) for v in found), default=0.0)
-    return out
 
 
 def _reference(repo: Path, model: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +120,7 @@ def _reference(repo: Path, model: str, n: int, seed: int) -> tuple[np.ndarray, n
                       key=lambda p: int(p.name))  # fmt: skip
     if not versions:
         raise ConfigError(f"{repo / model} has no version folder")
-    session = ort.InferenceSession(str(versions[-1] / "model.onnx"),
+    session = ort.InferenceSession(str(versions[-1] / MODEL_FILE),
                                    providers=["CPUExecutionProvider"])  # fmt: skip
     shape = [int(d) for d in session.get_inputs()[0].shape[1:]]
     x = np.random.default_rng(seed).random((n, *shape), dtype=np.float32)
@@ -77,7 +129,7 @@ def _reference(repo: Path, model: str, n: int, seed: int) -> tuple[np.ndarray, n
     return x, logits
 
 
-def run_soak(s: SoakSettings, *, progress: bool = True) -> dict[str, Any]:
+def run_soak(s: SoakSettings, *, progress: bool = True) -> SoakResult:
     """Warm up, then soak; returns (and writes to OUT/soak.json) the figures and verdicts."""
     from defcnn.client.loadtest import run_load
 
@@ -111,27 +163,26 @@ def run_soak(s: SoakSettings, *, progress: bool = True) -> dict[str, Any]:
     rss = [row["rss_mb"] for row in load.timeline]
     growth = (max(rss) - rss_warm) / rss_warm
     main = load.summary()
-    checks = {
-        "no_errors": not main["errors"] and not warm.errors,
-        "every_answer_correct": main["wrong"] == 0 and warm.wrong == 0,
-        "memory_flat": growth < MAX_RSS_GROWTH,
-        "queue_bound_respected": final["max_depth"] <= s.max_queue_size,
-    }
-    result = {
-        "settings": asdict(s), "warmup": warm.summary(), "soak": main,
-        "rss_mb": {"start": round(rss_start, 2), "after_warmup": round(rss_warm, 2),
-                   "max": max(rss), "end": rss[-1], "growth": round(growth, 4)},
-        "queue": {"bound": s.max_queue_size, "max_depth": final["max_depth"],
-                  "max_pending_sampled": max(r["pending"] for r in load.timeline)},
-        "checks": checks, "passed": all(checks.values()), "timeline": load.timeline,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }  # fmt: skip
-    write_json(out / "soak.json", result)
+    checks = SoakChecks(
+        no_errors=not main.errors and not warm.errors,
+        every_answer_correct=main.wrong == 0 and warm.wrong == 0,
+        memory_flat=growth < MAX_RSS_GROWTH,
+        queue_bound_respected=final["max_depth"] <= s.max_queue_size,
+    )
+    result = SoakResult(
+        settings=s, warmup=warm.summary(), soak=main,
+        rss_mb=RssFigures(start=round(rss_start, 2), after_warmup=round(rss_warm, 2),
+                          max=max(rss), end=rss[-1], growth=round(growth, 4)),
+        queue=QueueFigures(bound=s.max_queue_size, max_depth=final["max_depth"],
+                           max_pending_sampled=max(r["pending"] for r in load.timeline)),
+        checks=checks, timeline=load.timeline, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )  # fmt: skip
+    write_json(out / "soak.json", result.to_dict())
     _plot(out / "soak.png", result)
     return result
 
 
-def _plot(path: Path, result: dict[str, Any]) -> None:
+def _plot(path: Path, result: SoakResult) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,21 +190,21 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
 
     from defcnn.atomic import atomic_write
 
-    t = [r["t"] for r in result["timeline"]]
+    t = [r["t"] for r in result.timeline]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot(t, [r["ok"] for r in result["timeline"]], color="tab:blue")
+    a.plot(t, [r["ok"] for r in result.timeline], color="tab:blue")
     a.set_xlabel("seconds")
     a.set_ylabel("correct answers per second")
     a.set_ylim(bottom=0)
-    b.plot(t, [r["rss_mb"] for r in result["timeline"]], color="tab:red")
-    b.axhline(result["rss_mb"]["after_warmup"] * (1 + MAX_RSS_GROWTH), ls=":", color="gray",
+    b.plot(t, [r["rss_mb"] for r in result.timeline], color="tab:red")
+    b.axhline(result.rss_mb.after_warmup * (1 + MAX_RSS_GROWTH), ls=":", color="gray",
               label="+10% over post-warm-up")  # fmt: skip
     b.set_xlabel("seconds")
     b.set_ylabel("server RSS (MiB)")
     b.legend()
-    s = result["soak"]
-    fig.suptitle(f"soak: {s['clients']} clients, {s['requests']} requests, "
-                 f"{s['wrong']} wrong, {sum(s['errors'].values())} errors")  # fmt: skip
+    s = result.soak
+    fig.suptitle(f"soak: {s.clients} clients, {s.requests} requests, "
+                 f"{s.wrong} wrong, {sum(s.errors.values())} errors")  # fmt: skip
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

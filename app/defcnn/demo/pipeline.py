@@ -13,12 +13,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from defcnn.atomic import write_json
-from defcnn.demo.local_server import local_server, sigterm_as_interrupt
-from defcnn.demo.summary import summarize, write_summary
+from defcnn.demo.summary import DemoSummary, summarize, write_summary
 from defcnn.errors import ConfigError
+from defcnn.names import MODEL_FILE
+from defcnn.server.launcher import local_server, sigterm_as_interrupt
+
+if TYPE_CHECKING:
+    from defcnn.attack.results import QueryResult, TransferResult
 
 TARGETS = ("standard", "defective")
 
@@ -56,6 +60,20 @@ class DemoSettings:
                 raise ConfigError(f"{flag} must be >= 1, got {getattr(self, name)}")
         if not self.attacks or not self.eps_255:
             raise ConfigError("at least one transfer attack and one eps are needed")
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """The comparison, how long each stage took, and the settings that produced them."""
+
+    summary: DemoSummary
+    seconds: dict[str, float]
+    settings: DemoSettings
+
+    def to_dict(self) -> dict[str, Any]:
+        """summary.json: the summary's fields with `seconds` and `settings` beside them."""
+        return {**self.summary.to_dict(), "seconds": dict(self.seconds),
+                "settings": asdict(self.settings)}  # fmt: skip
 
 
 def _log(message: str) -> None:
@@ -111,12 +129,12 @@ def export_targets(models: Path, repo: Path) -> None:
     from defcnn.export.exporter import ExportSettings, export
 
     for name in TARGETS:
-        if (repo / name / "1" / "model.onnx").exists():
+        if (repo / name / "1" / MODEL_FILE).exists():
             _log(f"  {name}: reusing {repo / name}")
             continue
         export(ExportSettings(checkpoint=str(models / name / "model.safetensors"),
                               repo=str(repo), name=name, version=1))  # fmt: skip
-        _log(f"  {name}: {repo / name / '1' / 'model.onnx'} (verified against PyTorch)")
+        _log(f"  {name}: {repo / name / '1' / MODEL_FILE} (verified against PyTorch)")
 
 
 def _preload_attacks() -> None:
@@ -130,7 +148,7 @@ def _preload_attacks() -> None:
 
 def attack_endpoints(
     s: DemoSettings, url: str, models: Path, out: Path, *, progress: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[TransferResult, QueryResult]:
     """A transfer attack from the surrogate(s) and a query attack, both over gRPC."""
     from defcnn.attack.harness import (
         DataChoice,
@@ -165,7 +183,7 @@ def attack_endpoints(
 
 def run_demo(
     s: DemoSettings, *, progress: bool = True, on_server: Callable[[str], None] | None = None
-) -> dict[str, Any]:
+) -> DemoResult:
     """Run every stage; the server started here is stopped however this function exits."""
     s.check()
     out = Path(s.out)
@@ -199,7 +217,8 @@ def run_demo(
         summary = summarize(s, train_metrics, transfer, query, times)
         write_summary(out, summary)
         stage("summary")
-    summary["seconds"] = dict(times, total=round(time.monotonic() - start, 1))
-    summary["settings"] = asdict(s)
-    write_json(out / "summary.json", summary)
-    return summary
+    result = DemoResult(
+        summary=summary, seconds=dict(times, total=round(time.monotonic() - start, 1)), settings=s
+    )
+    write_json(out / "summary.json", result.to_dict())
+    return result

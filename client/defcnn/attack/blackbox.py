@@ -48,12 +48,39 @@ class Trace:
         return best
 
     def to_dict(self) -> dict[str, Any]:
+        """The trace for results.json and the trace file (`best_adv` is saved apart)."""
         return {
             "queries": self.queries,
             "first_success": self.first_success,
-            "improvements": self.improvements,
+            "improvements": [list(p) for p in self.improvements],
             "best_label": self.best_label,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Trace:
+        best_adv = data.get("best_adv")
+        return cls(
+            queries=int(data["queries"]),
+            first_success=data["first_success"],
+            improvements=[(int(q), float(l2)) for q, l2 in data["improvements"]],
+            best_adv=None if best_adv is None else np.asarray(best_adv, dtype=np.float32),
+            best_label=data.get("best_label"),
+        )
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    """Query-attack numbers at one budget. `mean_queries` and `median_queries` are over the
+    images fooled within the budget (None: none was); `median_l2` and `l2_found` are set
+    for decision-based attacks only (median_l2 None: no adversarial found)."""
+
+    budget: int
+    images: int
+    success_rate: float
+    mean_queries: float | None
+    median_queries: float | None
+    median_l2: float | None = None
+    l2_found: int | None = None
 
 
 class Oracle:
@@ -137,9 +164,7 @@ def attack_one(
     return oracle.trace
 
 
-def summarize(
-    traces: list[Trace], budgets: list[int], *, decision_based: bool
-) -> list[dict[str, Any]]:
+def summarize(traces: list[Trace], budgets: list[int], *, decision_based: bool) -> list[BudgetRow]:
     """Per budget: success rate, mean/median queries of successes, median L2 if decision-based."""
     rows = []
     n = len(traces)
@@ -147,16 +172,19 @@ def summarize(
         wins = [
             t.first_success for t in traces if t.first_success is not None and t.first_success <= b
         ]
-        row: dict[str, Any] = {
-            "budget": b,
-            "images": n,
-            "success_rate": len(wins) / n if n else float("nan"),
-            "mean_queries": float(np.mean(wins)) if wins else None,
-            "median_queries": float(np.median(wins)) if wins else None,
-        }
+        median_l2, l2_found = None, None
         if decision_based:
             l2 = [v for t in traces if (v := t.best_l2_at(b)) is not None]
-            row["median_l2"] = float(np.median(l2)) if l2 else None
-            row["l2_found"] = len(l2)
-        rows.append(row)
+            median_l2, l2_found = (float(np.median(l2)) if l2 else None), len(l2)
+        rows.append(
+            BudgetRow(
+                budget=b,
+                images=n,
+                success_rate=len(wins) / n if n else float("nan"),
+                mean_queries=float(np.mean(wins)) if wins else None,
+                median_queries=float(np.median(wins)) if wins else None,
+                median_l2=median_l2,
+                l2_found=l2_found,
+            )
+        )
     return rows

@@ -109,6 +109,8 @@ def _project(x: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
 class FGSM(Attack):
     """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps."""
 
+    eps: float  # an L-inf attack always has one
+
     def __init__(self, *, eps: float) -> None:
         self.eps = _check_eps("eps", eps)
 
@@ -123,6 +125,8 @@ class PGD(Attack):
     The paper's preset is eps 16/255, step 1/255, 20 steps, no random start, which is
     ART's ``ProjectedGradientDescent`` with ``num_random_init=0``.
     """
+
+    eps: float  # an L-inf attack always has one
 
     def __init__(
         self, *, eps: float, step: float, steps: int, random_start: bool = False, seed: int = 0
@@ -152,6 +156,8 @@ class MIFGSM(Attack):
     the momentum stabilise the direction and transfer better. Matches ART's
     ``MomentumIterativeMethod``.
     """
+
+    eps: float  # an L-inf attack always has one
 
     def __init__(self, *, eps: float, step: float, steps: int, decay: float = 1.0) -> None:
         self.eps = _check_eps("eps", eps)

@@ -4,10 +4,8 @@ interrupted run resumes from what is on disk; seeds make runs repeatable."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,16 @@ from defcnn.atomic import atomic_write
 from defcnn.attack.blackbox import DECISION_BASED, Trace, attack_one, summarize
 from defcnn.attack.metrics import boundary_figure, perturbation_norms, transfer_metrics
 from defcnn.attack.report import image_grid, query_report, transfer_report, write_results
-from defcnn.errors import ConfigError
+from defcnn.attack.results import (
+    DatasetInfo,
+    ModelQueryResult,
+    QueryResult,
+    TransferResult,
+    TransferRow,
+)
+from defcnn.sampling import seeded_subset
+from defcnn.tokens import read_token_file
+from defcnn.versions import versions
 
 GRID_IMAGES = 6
 
@@ -38,7 +45,7 @@ class Endpoint:
     def client(self, budget: int | None = None) -> Any:
         from defcnn.client import InferenceClient
 
-        token = Path(self.token_file).read_text().strip() if self.token_file else None
+        token = read_token_file(self.token_file) if self.token_file else None
         return InferenceClient(
             self.url,
             token=token,
@@ -100,40 +107,20 @@ def _cached(path: Path, compute: Any) -> np.ndarray:
     return value
 
 
-def _sample(choice: DataChoice, image_size: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _sample(choice: DataChoice, image_size: int) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
     """A seeded subset of the test split, uint8 NCHW."""
     from defcnn.data import load_dataset
 
     data = load_dataset(choice.dataset, choice.data_dir, image_size=image_size, progress=False)
-    if choice.num_images < 1:
-        raise ConfigError(f"--num-images must be >= 1, got {choice.num_images}")
-    rng = np.random.default_rng(choice.seed)
-    idx = np.sort(rng.permutation(len(data.test_y))[: choice.num_images])
-    info = {
-        "name": data.name,
-        "source": data.source,
-        "images": len(idx),
-        "indices": idx.tolist(),
-        "classes": list(data.classes),
-    }
+    idx = seeded_subset(len(data.test_y), choice.num_images, choice.seed, what="--num-images")
+    info = DatasetInfo(
+        name=data.name,
+        source=data.source,
+        images=len(idx),
+        indices=tuple(idx.tolist()),
+        classes=tuple(data.classes),
+    )
     return data.test_x[idx], data.test_y[idx], info
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    names = {
-        "defective-cnn": "defcnn",
-        "torch": "torch",
-        "numpy": "numpy",
-        "grpcio": "grpcio",
-        "adversarial-robustness-toolbox": "art",
-    }
-    for package, key in names.items():
-        with contextlib.suppress(PackageNotFoundError):
-            out[key] = version(package)
-    return out
 
 
 def _local_predict(model: Any, images: np.ndarray, device: str) -> np.ndarray:
@@ -146,11 +133,11 @@ def _local_predict(model: Any, images: np.ndarray, device: str) -> np.ndarray:
     return torch.cat(preds).cpu().numpy()
 
 
-def _label_text(pred: np.ndarray, y: np.ndarray, classes: list[str]) -> list[str]:
+def _label_text(pred: np.ndarray, y: np.ndarray, classes: tuple[str, ...]) -> list[str]:
     return [f"{classes[p]}{'' if p == t else ' (wrong)'}" for p, t in zip(pred, y, strict=True)]
 
 
-def run_transfer(settings: TransferSettings, *, progress: bool = True) -> dict[str, Any]:
+def run_transfer(settings: TransferSettings, *, progress: bool = True) -> TransferResult:
     """Craft on the surrogates, send to every endpoint model, score, and write the report."""
     import torch
 
@@ -170,7 +157,8 @@ def run_transfer(settings: TransferSettings, *, progress: bool = True) -> dict[s
         m: _cached(out / "stages" / f"{m}-clean.npy", lambda m=m: client.predict(m, clean))
         for m in settings.endpoint.models
     }
-    rows, grid_adv = [], {}
+    rows: list[TransferRow] = []
+    grid_adv = {}
     total = len(settings.attacks) * len(settings.eps_255)
     bar = tqdm(total=total, desc="attacks", disable=not progress)
     for attack_name in settings.attacks:
@@ -196,30 +184,22 @@ def run_transfer(settings: TransferSettings, *, progress: bool = True) -> dict[s
                     out / "stages" / f"{m}-{tag}.npy",
                     lambda m=m, adv=adv: client.predict(m, adv.astype(np.float32) / 255),
                 )
-                rows.append(
-                    {
-                        "target": m,
-                        "attack": attack_name,
-                        "eps_255": eps,
-                        **transfer_metrics(y, src, clean_pred[m], pred),
-                        **norms,
-                    }
-                )
+                metrics = transfer_metrics(y, src, clean_pred[m], pred)
+                rows.append(TransferRow.of(m, attack_name, eps, metrics, norms))
                 grid_adv[(m, tag)] = (adv[:GRID_IMAGES], pred[:GRID_IMAGES])
             bar.update(1)
     bar.close()
-    results = {
-        "kind": "transfer",
-        "config": _config(settings),
-        "dataset": info,
-        "rows": rows,
-        "queries": {m: asdict(client.counter(m)) for m in settings.endpoint.models},
-        "versions": _versions(),
-    }
+    results = TransferResult(
+        settings=settings,
+        dataset=info,
+        rows=tuple(rows),
+        queries={m: client.counter(m) for m in settings.endpoint.models},
+        versions=versions("torch", "numpy", "grpcio", "art"),
+    )
     write_results(out, results)
     transfer_report(out, results)
     last_tag = f"{settings.attacks[-1]}-eps{settings.eps_255[-1]:g}"
-    classes = info["classes"]
+    classes = info.classes
     image_grid(
         out / "examples.png",
         x[:GRID_IMAGES],
@@ -234,21 +214,13 @@ def run_transfer(settings: TransferSettings, *, progress: bool = True) -> dict[s
     return results
 
 
-def _config(settings: TransferSettings | QuerySettings) -> dict[str, Any]:
-    """The run's settings for results.json (the token file's path, never the token)."""
-    cfg = asdict(settings)
-    endpoint = cfg.pop("endpoint")
-    cfg.update(url=endpoint["url"], models=list(endpoint["models"]), seed=settings.data.seed)
-    return cfg
-
-
 def budgets_for(budget: int) -> list[int]:
     """Report points: 10, 100, 1,000, ... up to and including the run's budget."""
     points = [b for b in (10, 100, 1000, 10000, 100000) if b < budget]
     return [*points, budget]
 
 
-def run_query(settings: QuerySettings, *, progress: bool = True) -> dict[str, Any]:
+def run_query(settings: QuerySettings, *, progress: bool = True) -> QueryResult:
     """Attack each correctly classified image through the client, trace by trace (resumable)."""
     out = Path(settings.out)
     (out / "traces").mkdir(parents=True, exist_ok=True)
@@ -258,7 +230,7 @@ def run_query(settings: QuerySettings, *, progress: bool = True) -> dict[str, An
     x, y, info = _sample(settings.data, info0.input_shape[1])
     clean = x.astype(np.float32) / 255.0
     decision = settings.attack in DECISION_BASED
-    models: dict[str, Any] = {}
+    models: dict[str, ModelQueryResult] = {}
     grid: dict[str, np.ndarray] = {}
     captions: dict[str, list[str]] = {}
     grid_index: dict[str, list[int]] = {}
@@ -283,36 +255,35 @@ def run_query(settings: QuerySettings, *, progress: bool = True) -> dict[str, An
             )
             _append_trace(trace_file, i, trace)
             done[i] = trace
-        attacked = [done[i] for i in sorted(done)]
-        entry: dict[str, Any] = {
-            "clean_accuracy": float((clean_pred == y).mean()),
-            "attacked": len(attacked),
-            "skipped": int((clean_pred != y).sum()),
-            "by_budget": summarize(attacked, budgets_for(settings.budget), decision_based=decision),
-            "traces": {str(i): t.to_dict() for i, t in sorted(done.items())},
-        }
+        order = sorted(done)
+        attacked = [done[i] for i in order]
+        by_budget = summarize(attacked, budgets_for(settings.budget), decision_based=decision)
+        figure = None
         if settings.attack == "boundary":
-            order = sorted(done)
-            entry["boundary_figure"] = boundary_figure(
-                clean[order], [done[i].best_adv for i in order]
-            )
-        models[m] = entry
+            figure = boundary_figure(clean[order], [done[i].best_adv for i in order])
+        models[m] = ModelQueryResult(
+            clean_accuracy=float((clean_pred == y).mean()),
+            attacked=len(attacked),
+            skipped=int((clean_pred != y).sum()),
+            by_budget=tuple(by_budget),
+            traces=dict(sorted(done.items())),
+            boundary_figure=figure,
+        )
         shown = sorted(done)[:GRID_IMAGES]
         if shown:  # captions from what the endpoint answered during the attack: no new queries
             grid[m] = np.stack([_best_or_clean(done[i], clean[i]) for i in shown])
             labels = [done[i].best_label if done[i].best_label is not None else int(clean_pred[i])
                       for i in shown]  # fmt: skip
-            captions[m] = _label_text(np.asarray(labels), y[shown], info["classes"])
+            captions[m] = _label_text(np.asarray(labels), y[shown], info.classes)
             grid_index[m] = shown
-    results = {
-        "kind": "query",
-        "config": {**_config(settings), "eps_255": settings.eps_255},
-        "decision_based": decision,
-        "dataset": info,
-        "models": models,
-        "queries": {m: asdict(client.counter(m)) for m in settings.endpoint.models},
-        "versions": _versions(),
-    }
+    results = QueryResult(
+        settings=settings,
+        decision_based=decision,
+        dataset=info,
+        models=models,
+        queries={m: client.counter(m) for m in settings.endpoint.models},
+        versions=versions("torch", "numpy", "grpcio", "art"),
+    )
     write_results(out, results)
     query_report(out, results)
     if grid:
@@ -321,7 +292,7 @@ def run_query(settings: QuerySettings, *, progress: bool = True) -> dict[str, An
         same = {m: g for m, g in grid.items() if grid_index[m] == idx}
         image_grid(
             out / "examples.png", x[idx], same, {m: captions[m] for m in same},
-            [f"true {info['classes'][t]}" for t in y[idx]],
+            [f"true {info.classes[t]}" for t in y[idx]],
         )  # fmt: skip
     client.close()
     return results
@@ -340,11 +311,7 @@ def _read_traces(path: Path) -> dict[int, Trace]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill: that image is attacked again
-        trace = Trace(rec["queries"], rec["first_success"], [tuple(p) for p in rec["improvements"]])
-        trace.best_label = rec.get("best_label")
-        if rec.get("best_adv") is not None:
-            trace.best_adv = np.asarray(rec["best_adv"], dtype=np.float32)
-        done[int(rec["index"])] = trace
+        done[int(rec["index"])] = Trace.from_dict(rec)
     return done
 
 

@@ -7,19 +7,53 @@ Higher means the defence resists transfer better.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
-def perturbation_norms(clean: np.ndarray, adversarial: np.ndarray) -> dict[str, float]:
+@dataclass(frozen=True)
+class PerturbationNorms:
+    """Mean size of the perturbations sent, in [0, 1] pixel units, over all images."""
+
+    mean_linf: float
+    mean_l2: float
+
+
+@dataclass(frozen=True)
+class TransferMetrics:
+    """One target's numbers for one batch of transferred adversarial examples (NaN where
+    the subset a rate is taken over is empty)."""
+
+    images: int
+    transfer_subset: int
+    transfer_accuracy: float
+    accuracy_clean: float
+    accuracy_adversarial: float
+    source_fooled: float
+    success_rate: float
+
+
+@dataclass(frozen=True)
+class BoundaryFigure:
+    """The paper's Boundary-attack figure over the images where an adversarial was found."""
+
+    mean: float
+    median: float
+    images: int
+    missing: int
+
+
+def perturbation_norms(clean: np.ndarray, adversarial: np.ndarray) -> PerturbationNorms:
     """Mean L-inf and L2 of the perturbations, in [0, 1] pixel units, over all images."""
     delta = adversarial.astype(np.float64) / 255.0 - clean.astype(np.float64) / 255.0
     flat = delta.reshape(len(delta), -1)
     if not len(flat):
-        return {"mean_linf": 0.0, "mean_l2": 0.0}
-    return {
-        "mean_linf": float(np.abs(flat).max(axis=1).mean()),
-        "mean_l2": float(np.linalg.norm(flat, axis=1).mean()),
-    }
+        return PerturbationNorms(mean_linf=0.0, mean_l2=0.0)
+    return PerturbationNorms(
+        mean_linf=float(np.abs(flat).max(axis=1).mean()),
+        mean_l2=float(np.linalg.norm(flat, axis=1).mean()),
+    )
 
 
 def transfer_metrics(
@@ -27,7 +61,7 @@ def transfer_metrics(
     source_adv_pred: np.ndarray,
     target_clean_pred: np.ndarray,
     target_adv_pred: np.ndarray,
-) -> dict[str, float | int]:
+) -> TransferMetrics:
     """The paper's transfer metric plus plain accuracy under attack and success rate.
 
     - ``transfer_accuracy``: target accuracy on {adv fools the source, target right on clean};
@@ -40,20 +74,19 @@ def transfer_metrics(
     subset = fools_source & target_right
     adv_right = target_adv_pred == labels
     n_right = int(target_right.sum())
-    return {
-        "images": len(labels),
-        "transfer_subset": int(subset.sum()),
-        "transfer_accuracy": float(adv_right[subset].mean()) if subset.any() else float("nan"),
-        "accuracy_clean": float(target_right.mean()) if len(labels) else float("nan"),
-        "accuracy_adversarial": float(adv_right.mean()) if len(labels) else float("nan"),
-        "source_fooled": float(fools_source.mean()) if len(labels) else float("nan"),
-        "success_rate": float((~adv_right & target_right).sum() / n_right)
-        if n_right
-        else float("nan"),
-    }
+    nan = float("nan")
+    return TransferMetrics(
+        images=len(labels),
+        transfer_subset=int(subset.sum()),
+        transfer_accuracy=float(adv_right[subset].mean()) if subset.any() else nan,
+        accuracy_clean=float(target_right.mean()) if len(labels) else nan,
+        accuracy_adversarial=float(adv_right.mean()) if len(labels) else nan,
+        source_fooled=float(fools_source.mean()) if len(labels) else nan,
+        success_rate=float((~adv_right & target_right).sum() / n_right) if n_right else nan,
+    )
 
 
-def boundary_figure(clean: np.ndarray, best_adv: list[np.ndarray | None]) -> dict[str, float]:
+def boundary_figure(clean: np.ndarray, best_adv: list[np.ndarray | None]) -> BoundaryFigure:
     """The paper's Boundary-attack figure: mean and median of ||delta||^2 / (3*H*W).
 
     `clean` is float [N, 3, H, W] in [0, 1]; `best_adv[i]` is the closest adversarial image
@@ -65,10 +98,10 @@ def boundary_figure(clean: np.ndarray, best_adv: list[np.ndarray | None]) -> dic
         if adv is not None
     ]
     if not values:
-        return {"mean": float("nan"), "median": float("nan"), "images": 0, "missing": len(clean)}
-    return {
-        "mean": float(np.mean(values)),
-        "median": float(np.median(values)),
-        "images": len(values),
-        "missing": len(clean) - len(values),
-    }
+        return BoundaryFigure(mean=float("nan"), median=float("nan"), images=0, missing=len(clean))
+    return BoundaryFigure(
+        mean=float(np.mean(values)),
+        median=float(np.median(values)),
+        images=len(values),
+        missing=len(clean) - len(values),
+    )

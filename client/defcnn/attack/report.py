@@ -3,63 +3,55 @@
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 import numpy as np
 
+from defcnn import display
 from defcnn.atomic import atomic_write
+from defcnn.attack.results import QueryResult, TransferResult, TransferRow, queries_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def write_results(out: Path, results: dict[str, Any]) -> None:
-    atomic_write(
-        out / "results.json",
-        lambda tmp: tmp.write_text(json.dumps(results, indent=2, sort_keys=True, default=str)),
-    )
+def write_results(out: Path, results: TransferResult | QueryResult) -> None:
+    text = json.dumps(results.to_dict(), indent=2, sort_keys=True)
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(text))
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def _table(rows: Sequence[Any], columns: dict[str, Callable[[Any], str]]) -> str:
+    """A Markdown table: one column per (header, cell text of a row)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def transfer_report(out: Path, results: dict[str, Any]) -> None:
-    rows = results["rows"]
-    columns = [
-        "target",
-        "attack",
-        "eps_255",
-        "images",
-        "accuracy_clean",
-        "accuracy_adversarial",
-        "transfer_accuracy",
-        "transfer_subset",
-        "success_rate",
-        "source_fooled",
-        "mean_linf",
-        "mean_l2",
-    ]
+def _numbers(*names: str, show: Callable[[Any], str] = display.number) -> dict[str, Any]:
+    """Columns that show the row attribute of the same name."""
+    return {n: (lambda r, n=n: show(getattr(r, n))) for n in names}
+
+
+def transfer_report(out: Path, results: TransferResult) -> None:
+    rows = results.rows
+    columns = {
+        "target": lambda r: r.target,
+        "attack": lambda r: r.attack,
+        "eps_255": lambda r: f"{r.eps_255:g}",
+        **_numbers("images", "accuracy_clean", "accuracy_adversarial", "transfer_accuracy",
+                   "transfer_subset", "success_rate", "source_fooled", "mean_linf",
+                   "mean_l2"),
+    }  # fmt: skip
+    s = results.settings
     text = [
         "# Transfer attack report",
         "",
-        f"Endpoint `{results['config']['url']}`, surrogates: "
-        + ", ".join(f"`{s}`" for s in results["config"]["surrogates"]),
-        f"Data: {results['dataset']['source']} ({results['dataset']['images']} test images, "
-        f"seed {results['config']['seed']}). Adversarial images were rounded to uint8 before "
+        f"Endpoint `{s.endpoint.url}`, surrogates: " + ", ".join(f"`{p}`" for p in s.surrogates),
+        f"Data: {results.dataset.source} ({results.dataset.images} test images, "
+        f"seed {s.data.seed}). Adversarial images were rounded to uint8 before "
         "they were sent; every number is judged on what was sent.",
         "",
         "`transfer_accuracy` is the paper's metric: the target's accuracy on adversarial "
@@ -68,7 +60,7 @@ def transfer_report(out: Path, results: dict[str, Any]) -> None:
         "",
         _table(rows, columns),
         "",
-        f"Queries sent: {results['queries']}",
+        f"Queries sent: {queries_text(results.queries)}.",
         "",
         "![robust accuracy vs eps](robust_accuracy.png)",
         "",
@@ -79,13 +71,13 @@ def transfer_report(out: Path, results: dict[str, Any]) -> None:
     _plot_transfer(out / "robust_accuracy.png", rows)
 
 
-def _plot_transfer(path: Path, rows: list[dict[str, Any]]) -> None:
+def _plot_transfer(path: Path, rows: Sequence[TransferRow]) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
-    for target, attack in sorted({(r["target"], r["attack"]) for r in rows}):
+    for target, attack in sorted({(r.target, r.attack) for r in rows}):
         pts = sorted(
-            (r["eps_255"], r["accuracy_adversarial"])
+            (r.eps_255, r.accuracy_adversarial)
             for r in rows
-            if r["target"] == target and r["attack"] == attack
+            if r.target == target and r.attack == attack
         )
         ax.plot(
             [p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{target} ({attack})"
@@ -100,45 +92,49 @@ def _plot_transfer(path: Path, rows: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def query_report(out: Path, results: dict[str, Any]) -> None:
+def query_report(out: Path, results: QueryResult) -> None:
+    s = results.settings
     text = [
         "# Query attack report",
         "",
-        f"Endpoint `{results['config']['url']}`, attack `{results['config']['attack']}` "
-        f"(ART {results['versions'].get('art', '?')}), budget {results['config']['budget']} "
-        f"queries per image, eps {results['config']['eps_255']}/255 (Square, SimBA).",
-        f"Data: {results['dataset']['source']}, seed {results['config']['seed']}. Images the "
+        f"Endpoint `{s.endpoint.url}`, attack `{s.attack}` "
+        f"(ART {results.versions.get('art', 'version unknown')}), budget {s.budget} "
+        f"queries per image, eps {s.eps_255:g}/255 (Square, SimBA).",
+        f"Data: {results.dataset.source}, seed {s.data.seed}. Images the "
         "endpoint misclassifies when clean are not attacked (counted as `skipped`).",
         "",
     ]
-    columns = ["budget", "images", "success_rate", "mean_queries", "median_queries"]
-    if results["decision_based"]:
-        columns += ["median_l2", "l2_found"]
-    for model, entry in results["models"].items():
+    columns = {
+        **_numbers("budget", "images", "success_rate"),
+        **_numbers("mean_queries", "median_queries", show=display.queries),
+    }
+    if results.decision_based:
+        columns |= {**_numbers("median_l2", show=display.distance), **_numbers("l2_found")}
+    for model, entry in results.models.items():
         text += [
             f"## {model}",
             "",
-            f"clean accuracy {_fmt(entry['clean_accuracy'])}, "
-            f"attacked {entry['attacked']}, skipped {entry['skipped']}",
+            f"clean accuracy {display.number(entry.clean_accuracy)}, "
+            f"attacked {entry.attacked}, skipped {entry.skipped}",
             "",
         ]
-        text += [_table(entry["by_budget"], columns), ""]
-        if "boundary_figure" in entry:
-            fig = entry["boundary_figure"]
+        text += [_table(entry.by_budget, columns), ""]
+        if entry.boundary_figure is not None:
+            bf = entry.boundary_figure
             text += [
-                f"Boundary figure ||delta||^2/(3HW): mean {_fmt(fig['mean'])}, median "
-                f"{_fmt(fig['median'])} over {fig['images']} images",
+                f"Boundary figure ||delta||^2/(3HW): mean {display.number(bf.mean)}, median "
+                f"{display.number(bf.median)} over {bf.images} images",
                 "",
             ]
-    text += [f"Queries sent: {results['queries']}", ""]
+    text += [f"Queries sent: {queries_text(results.queries)}.", ""]
     text += ["![success vs queries](success_vs_queries.png)", "", "![examples](examples.png)", ""]
     (out / "report.md").write_text("\n".join(text))
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
-    for model, entry in results["models"].items():
-        rows = entry["by_budget"]
+    for model, entry in results.models.items():
+        rows = entry.by_budget
         ax.plot(
-            [r["budget"] for r in rows],
-            [100 * r["success_rate"] for r in rows],
+            [r.budget for r in rows],
+            [100 * r.success_rate for r in rows],
             marker="o",
             label=model,
         )

@@ -8,6 +8,7 @@ uint8 levels and success is judged on the rounded images, not on the floats.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ class Ensemble(nn.Module):
     """Averages the logits of several surrogates, so a perturbation must fool them all
     (Liu et al. 2017: ensemble surrogates transfer better than any single one)."""
 
-    def __init__(self, models: list[nn.Module] | tuple[nn.Module, ...]) -> None:
+    def __init__(self, models: Sequence[nn.Module]) -> None:
         super().__init__()
         if not models:
             raise ConfigError("an ensemble needs at least one model")

@@ -98,7 +98,7 @@ class AsyncInferenceClient(_ClientBase):
             return_exceptions=True,
         )
         self._first_error(outcomes)
-        return outcomes
+        return [o for o in outcomes if not isinstance(o, BaseException)]  # all, after the check
 
     async def logits(self, model: str, images: np.ndarray, version: str = "") -> np.ndarray:
         """float32 [N, num_classes] logits, in the order of `images`."""

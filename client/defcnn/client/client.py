@@ -8,7 +8,7 @@ wait: threads and `time.sleep` there, tasks and `asyncio.sleep` in `aio.py`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -326,7 +326,7 @@ class _ClientBase:
             raise ConfigError(f"k must be >= 1, got {k}")
 
     @staticmethod
-    def _first_error(outcomes: list[object]) -> None:
+    def _first_error(outcomes: Sequence[object]) -> None:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome

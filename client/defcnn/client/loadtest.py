@@ -23,6 +23,37 @@ from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Milliseconds from send to answer (NaN when nothing was answered)."""
+
+    p50: float
+    p99: float
+    max: float
+
+
+@dataclass(frozen=True)
+class LoadSummary:
+    """A load run in totals."""
+
+    seconds: float
+    clients: int
+    requests: int
+    ok: int
+    wrong: int
+    errors: dict[str, int]  # status code name -> count
+    throughput_rps: float
+    latency_ms: Latency
+
+    @property
+    def failures(self) -> int:
+        return self.wrong + sum(self.errors.values())
+
+    def errors_text(self) -> str:
+        """The failed calls by status code, for people: "none" or "UNAVAILABLE 3"."""
+        return ", ".join(f"{code} {n}" for code, n in sorted(self.errors.items())) or "none"
+
+
 @dataclass
 class LoadResult:
     """What happened, second by second and in total."""
@@ -35,16 +66,16 @@ class LoadResult:
     latencies_ms: list[float] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)  # one row per second
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> LoadSummary:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([np.nan])
-        return {
-            "seconds": round(self.seconds, 2), "clients": self.clients,
-            "requests": self.ok + self.wrong + sum(self.errors.values()),
-            "ok": self.ok, "wrong": self.wrong, "errors": dict(self.errors),
-            "throughput_rps": round(self.ok / self.seconds, 1) if self.seconds else 0.0,
-            "latency_ms": {"p50": float(np.percentile(lat, 50)),
-                           "p99": float(np.percentile(lat, 99)), "max": float(lat.max())},
-        }  # fmt: skip
+        return LoadSummary(
+            seconds=round(self.seconds, 2), clients=self.clients,
+            requests=self.ok + self.wrong + sum(self.errors.values()),
+            ok=self.ok, wrong=self.wrong, errors=dict(self.errors),
+            throughput_rps=round(self.ok / self.seconds, 1) if self.seconds else 0.0,
+            latency_ms=Latency(p50=float(np.percentile(lat, 50)),
+                               p99=float(np.percentile(lat, 99)), max=float(lat.max())),
+        )  # fmt: skip
 
 
 def _request(model: str, x: np.ndarray) -> pb.ModelInferRequest:

@@ -15,6 +15,7 @@ import numpy as np
 
 from defcnn.client import _codec
 from defcnn.client.client import ModelInfo, _Attempts, _ClientBase, _decoded
+from defcnn.client.errors import ClientError
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -89,7 +90,10 @@ class InferenceClient(_ClientBase):
                 f.cancel()
             raise
         self._first_error([f.exception() for f in futures])
-        return [f.result() for f in futures]
+        responses = [f.result() for f in futures]
+        if any(r is None for r in responses):  # only an aborted call, and abort means a raise
+            raise ClientError("CANCELLED", "a request was aborted before it was answered")
+        return [r for r in responses if r is not None]
 
     def logits(self, model: str, images: np.ndarray, version: str = "") -> np.ndarray:
         """float32 [N, num_classes] logits, in the order of `images`."""

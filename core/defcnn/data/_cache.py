@@ -17,7 +17,8 @@ import numpy as np
 from defcnn.data.dataset import ImageDataset
 from defcnn.errors import DataError
 
-CACHE_FORMAT_VERSION = 1
+# 2: defcnn.images decodes EXIF orientation, 16-bit and alpha differently than 1 did.
+CACHE_FORMAT_VERSION = 2
 CACHE_ENV = "DEFCNN_CACHE_DIR"
 _ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 

@@ -1,35 +1,20 @@
-"""Image decoding to uint8 CHW, spread over worker processes when there are many images."""
+"""Many images decoded to uint8 CHW, spread over worker processes when there are many.
+
+Each image goes through `defcnn.images.decode_image`, the decoder `defcnn classify` uses too.
+"""
 
 from __future__ import annotations
 
-import io
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from types import TracebackType
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from defcnn.errors import DataError
+from defcnn.images import Source, decode_image
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 CHUNK_SIZE = 1024
-
-Source = bytes | str
-
-
-def decode_image(name: str, src: Source, size: int) -> np.ndarray:
-    """One image (encoded bytes or a file path) as RGB uint8 [3, size, size]."""
-    try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
-            rgb = img if img.mode == "RGB" else img.convert("RGB")
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-            pixels = np.asarray(rgb, dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {name}: {exc}") from exc
-    return pixels.transpose(2, 0, 1)
 
 
 def _usable_cpus() -> int:
@@ -41,7 +26,7 @@ def _usable_cpus() -> int:
 def _decode_chunk(items: list[tuple[str, Source]], size: int) -> np.ndarray:
     out = np.empty((len(items), 3, size, size), dtype=np.uint8)
     for i, (name, src) in enumerate(items):
-        out[i] = decode_image(name, src, size)
+        out[i] = decode_image(src, size, size, name=name)
     return out
 
 
@@ -111,6 +96,6 @@ class ImageDecoder:
     def _decode_here(self, items: list[tuple[str, Source]]) -> np.ndarray:
         out = np.empty((len(items), 3, self._size, self._size), dtype=np.uint8)
         for i, (name, src) in enumerate(items):
-            out[i] = decode_image(name, src, self._size)
+            out[i] = decode_image(src, self._size, self._size, name=name)
             self._bar.update(1)
         return out

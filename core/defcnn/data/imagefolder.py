@@ -9,10 +9,11 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from defcnn.data._decode import IMAGE_EXTENSIONS, ImageDecoder, Source
+from defcnn.data._decode import ImageDecoder
 from defcnn.data._split import stratified_split
 from defcnn.data.dataset import ImageDataset
 from defcnn.errors import DataError
+from defcnn.images import IMAGE_EXTENSIONS, Source, is_image_name
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TRAIN_SPLIT = "train"
@@ -24,7 +25,7 @@ Parts = tuple[str, ...]
 def _wanted(parts: Parts) -> bool:
     if not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
         return False
-    return PurePosixPath(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS
+    return is_image_name(PurePosixPath(parts[-1]))
 
 
 def _walk_directory(root: Path) -> Iterator[tuple[Parts, Source]]:
@@ -110,7 +111,7 @@ def load_imagefolder(
             decoder.add("/".join(parts) + f" in {path}", src)
         images = decoder.result()
     if not paths:
-        raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found")
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
 
     labelled = [(a[0], a[1], paths[i], i) for i, a in enumerate(_assign(paths, str(path))) if a]
     if not labelled:

@@ -68,6 +68,8 @@ def draw_mask(
 class DefectiveMask(nn.Module):
     """Multiply the input by a fixed binary mask buffer; the same in train and eval mode."""
 
+    mask: torch.Tensor
+
     def __init__(
         self, shape: Sequence[int], keep_prob: float, seed: int, *, shared: bool = False
     ) -> None:

@@ -14,6 +14,9 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 class Normalize(nn.Module):
     """(x - mean) / std per channel, with mean and std as buffers so exports carry them."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std) or any(s <= 0 for s in std):

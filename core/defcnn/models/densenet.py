@@ -47,6 +47,15 @@ class Transition(nn.Module):
 class DenseNet(nn.Module):
     """Stem conv, four dense blocks with transitions, BN-ReLU, pooling, linear head."""
 
+    # Built in a loop with setattr; declared so the type checker knows them.
+    dense1: nn.Sequential
+    dense2: nn.Sequential
+    dense3: nn.Sequential
+    dense4: nn.Sequential
+    trans1: nn.Module
+    trans2: nn.Module
+    trans3: nn.Module
+
     def __init__(
         self,
         blocks: tuple[int, int, int, int],

@@ -60,6 +60,12 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Stem, four stages (`layer1`..`layer4`), global pooling, linear head."""
 
+    # Built in a loop with setattr; declared so the type checker knows them.
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(
         self,
         block: type[BasicBlock] | type[Bottleneck],

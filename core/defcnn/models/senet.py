@@ -38,6 +38,12 @@ class SEBlock(nn.Module):
 class SENet(nn.Module):
     """Stem, four SE stages (`layer1`..`layer4`), pooling, linear head."""
 
+    # Built in a loop with setattr; declared so the type checker knows them.
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(
         self, num_blocks: tuple[int, int, int, int], num_classes: int, width: float
     ) -> None:

@@ -2,10 +2,17 @@
 probe (patch shuffling) and additive Gaussian noise."""
 
 from defcnn.robustness.corruptions import CORRUPTIONS, gaussian_noise, patch_shuffle
-from defcnn.robustness.evaluate import corruption_table, evaluate_corruptions
+from defcnn.robustness.evaluate import (
+    CorruptionRow,
+    EvaluationResult,
+    corruption_table,
+    evaluate_corruptions,
+)
 
 __all__ = [
     "CORRUPTIONS",
+    "CorruptionRow",
+    "EvaluationResult",
     "corruption_table",
     "evaluate_corruptions",
     "gaussian_noise",

@@ -17,6 +17,9 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "digits": {"batch_size": 32, "crop_pad": 2, "flip": False},
 }
 _PAPER_AUGMENT = {"batch_size": PAPER_BATCH, "crop_pad": 4, "flip": True}
+# The default of a setting resolved on construction (from the preset, or from the batch
+# size for lr): typed as the resolved value, since no constructed config holds it.
+FROM_PRESET: Any = None
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class TrainConfig:
     batch 128, random crop with padding 4 and horizontal flip. ``schedule="paper"`` is
     the step schedule (x0.1 at 150/350 and 250/350 of the epochs); ``"fast"`` is a
     short warm-up then linear decay to zero, for runs of a few epochs. Fields left
-    ``None`` are resolved on construction: batch size, crop padding and flips from the
+    unset (``None``) are resolved on construction: batch size, crop padding and flips from the
     data set's preset, and lr = 0.1 x batch / 128 (the paper's lr, scaled linearly).
     """
 
@@ -42,13 +45,13 @@ class TrainConfig:
     image_size: int | None = None
     download: bool = False
     epochs: int = 350
-    batch_size: int | None = None
-    lr: float | None = None
+    batch_size: int = FROM_PRESET
+    lr: float = FROM_PRESET
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "paper"
-    crop_pad: int | None = None
-    flip: bool | None = None
+    crop_pad: int = FROM_PRESET
+    flip: bool = FROM_PRESET
     seed: int = 0
     mask_seed: int | None = None
     device: str = "auto"

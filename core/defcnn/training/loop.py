@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,6 +30,7 @@ from defcnn.layers.defective import derive_seed
 from defcnn.models.registry import create_model
 from defcnn.training import distributed
 from defcnn.training.config import TrainConfig, lr_at
+from defcnn.versions import versions
 
 LAST = "checkpoint-last.safetensors"
 FINAL = "model.safetensors"
@@ -124,15 +124,6 @@ def _comparable(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(d))
 
 
-def _versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train per `cfg`, writing checkpoints, config and metrics into ``cfg.out``.
 
@@ -165,7 +156,8 @@ def _train(
     model = create_model(spec).to(ctx.device)
     cuda = ctx.device.type == "cuda"
     if cuda:
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's stubs leave it out.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = _optimizer(model, cfg)
 
     step = 0
@@ -199,7 +191,7 @@ def _train(
         if ctx.is_main:
             meta = {
                 "train_config": cfg.to_dict(), "step": step, "history": history,
-                "classes": list(data.classes), "versions": _versions(),
+                "classes": list(data.classes), "versions": versions("torch", "numpy"),
             }  # fmt: skip
             save_checkpoint(last, model, spec, meta, _optimizer_tensors(opt))
         ctx.barrier()
@@ -284,7 +276,7 @@ def _train(
             "train_config": cfg.to_dict(), "classes": list(data.classes), "metrics": metrics,
             "history": history, "dataset": {"name": data.name, "source": data.source},
             "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
-            "versions": _versions(), "step": step,
+            "versions": versions("torch", "numpy"), "step": step,
         }  # fmt: skip
         save_checkpoint(out / FINAL, model, spec, meta)
         write_json(out / "metrics.json", {**metrics, "history": history})

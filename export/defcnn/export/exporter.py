@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-import torch
 
 from defcnn.atomic import atomic_write, write_json
 from defcnn.checkpoint import load_model
@@ -19,11 +15,17 @@ from defcnn.data import load_dataset
 from defcnn.errors import ConfigError, DataError, ExportError
 from defcnn.export import repository
 from defcnn.export.onnx_graph import name_masks, set_metadata, to_onnx
-from defcnn.export.triton_config import LABELS_FILE, TritonModelConfig
-from defcnn.export.verify import ort_session, parity, parity_cases, structural_checks
-
-MODEL_FILE = "model.onnx"
-REPORT_FILE = "verification.json"
+from defcnn.export.triton_config import TritonModelConfig
+from defcnn.export.verify import (
+    GraphChecks,
+    ParityResult,
+    ort_session,
+    parity,
+    parity_cases,
+    structural_checks,
+)
+from defcnn.names import CONFIG_FILE, LABELS_FILE, MODEL_FILE, REPORT_FILE
+from defcnn.versions import versions
 
 
 @dataclass(frozen=True)
@@ -77,18 +79,56 @@ def _real_images(
     return data.test_x[:n]
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        ours = version("defective-cnn")
-    except PackageNotFoundError:
-        ours = "unknown"
-    return {"defcnn": ours, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__}  # fmt: skip
+@dataclass(frozen=True)
+class MaskReport:
+    count: int
+    mul_nodes: dict[str, str]  # checkpoint key of the mask -> the constant Mul it became
 
 
-def export(settings: ExportSettings) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EngineReport:
+    """One TensorRT engine written beside the ONNX model, and its parity check."""
+
+    file: str
+    precision: str
+    bytes: int
+    images: int
+    argmax_agreement: float
+    max_abs_diff: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export checked and wrote; verification.json is its `to_dict()`."""
+
+    model: str
+    version: int
+    structure: GraphChecks
+    masks: MaskReport
+    parity: tuple[ParityResult, ...]
+    files: tuple[str, ...]
+    tensorrt: tuple[EngineReport, ...] | None = None  # None: no engines were asked for
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.tensorrt is None:
+            del out["tensorrt"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExportReport:
+        engines = data.get("tensorrt")
+        return cls(
+            model=data["model"], version=int(data["version"]),
+            structure=GraphChecks(**data["structure"]), masks=MaskReport(**data["masks"]),
+            parity=tuple(ParityResult(**r) for r in data["parity"]),
+            files=tuple(data["files"]),
+            tensorrt=None if engines is None else tuple(EngineReport(**e) for e in engines),
+        )  # fmt: skip
+
+
+def export(settings: ExportSettings) -> ExportReport:
     """Export, verify and publish one version; returns the verification report."""
     ckpt_path = Path(settings.checkpoint)
     model, ckpt = load_model(ckpt_path)
@@ -108,16 +148,15 @@ def export(settings: ExportSettings) -> dict[str, Any]:
         "shared_mask": spec.shared_mask, "classes": classes,
         "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
         "input_size": size, "source_checkpoint_sha256": sha256_of(ckpt_path),
-        "source_checkpoint": ckpt_path.name, "exporter": _versions(), "spec": spec.to_dict(),
+        "source_checkpoint": ckpt_path.name, "spec": spec.to_dict(),
+        "exporter": versions("torch", "onnx", "onnxruntime"),
     }  # fmt: skip
     set_metadata(proto, props)
-    report: dict[str, Any] = {"model": settings.name, "version": version}
-    report["structure"] = structural_checks(proto, allow_batchnorm=spec.arch == "densenet121")
-    report["masks"] = {"count": len(masks), "mul_nodes": masks}
+    structure = structural_checks(proto, allow_batchnorm=spec.arch == "densenet121")
     model_bytes = proto.SerializeToString()
     large = max(2, min(settings.max_batch_size, 64))
     cases = parity_cases(_real_images(settings, ckpt.meta, size, large), size, large)
-    report["parity"] = parity(ort_session(model_bytes), model, cases)
+    checks = parity(ort_session(model_bytes), model, cases)
 
     config = TritonModelConfig(
         name=settings.name, input_size=size, num_classes=len(classes),
@@ -125,20 +164,25 @@ def export(settings: ExportSettings) -> dict[str, Any]:
     )  # fmt: skip
     with repository.staged_version(model_dir, version) as staging:
         (staging / MODEL_FILE).write_bytes(model_bytes)
+        engines = None
         if settings.tensorrt:
             test_images = _real_images(settings, ckpt.meta, size, None).astype(np.float32) / 255
-            report["tensorrt"] = _build_engines(model_bytes, staging, settings, size, test_images)
-        report["files"] = [*sorted(p.name for p in staging.iterdir()), REPORT_FILE]
-        write_json(staging / REPORT_FILE, report)
+            engines = _build_engines(model_bytes, staging, settings, size, test_images)
+        report = ExportReport(
+            model=settings.name, version=version, structure=structure,
+            masks=MaskReport(count=len(masks), mul_nodes=masks), parity=tuple(checks),
+            files=(*sorted(p.name for p in staging.iterdir()), REPORT_FILE), tensorrt=engines,
+        )  # fmt: skip
+        write_json(staging / REPORT_FILE, report.to_dict())
         text = "\n".join(classes) + "\n"
         atomic_write(model_dir / LABELS_FILE, lambda tmp: tmp.write_text(text))
-        atomic_write(model_dir / "config.pbtxt", lambda tmp: tmp.write_text(config.to_pbtxt()))
+        atomic_write(model_dir / CONFIG_FILE, lambda tmp: tmp.write_text(config.to_pbtxt()))
     return report
 
 
 def _build_engines(
     model_bytes: bytes, folder: Path, settings: ExportSettings, size: int, images: np.ndarray
-) -> list[dict[str, Any]]:
+) -> tuple[EngineReport, ...]:
     from defcnn.export.tensorrt_engine import build_engine, engine_parity
 
     results = []
@@ -149,22 +193,24 @@ def _build_engines(
         )  # fmt: skip
         check = engine_parity(engine, model_bytes, images, settings.max_batch_size)
         (folder / name).write_bytes(engine)
-        results.append({"file": name, "precision": precision, "bytes": len(engine), **check})
-    return results
+        results.append(EngineReport(file=name, precision=precision, bytes=len(engine),
+                                    **asdict(check)))  # fmt: skip
+    return tuple(results)
 
 
-def summary(report: dict[str, Any]) -> str:
+def summary(report: ExportReport) -> str:
     """A few lines for people; the JSON report holds everything."""
-    lines = [f"exported {report['model']} version {report['version']}",
-             f"  graph: {report['structure']['checker']}, {report['structure']['shape_inference']}",
-             f"  masks folded into constant Muls: {report['masks']['count']}"]  # fmt: skip
-    for r in report["parity"]:
+    lines = [f"exported {report.model} version {report.version}",
+             f"  graph: {report.structure.checker}, {report.structure.shape_inference}",
+             f"  masks folded into constant Muls: {report.masks.count}"]  # fmt: skip
+    for r in report.parity:
         lines.append(
-            f"  parity {r['case']:<18} max|diff| {r['max_abs_diff']:.2e}  "
-            f"argmax identical: {r['argmax_identical']}"
+            f"  parity {r.case:<18} max|diff| {r.max_abs_diff:.2e}  "
+            f"argmax {'identical' if r.argmax_identical else 'differs'}"
+        )
+    for e in report.tensorrt or ():
+        lines.append(
+            f"  TensorRT {e.precision} {e.file}: argmax agreement {e.argmax_agreement:.4f} on "
+            f"{e.images} images, max|diff| {e.max_abs_diff:.2e}"
         )
     return "\n".join(lines)
-
-
-def dumps(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2)

@@ -36,7 +36,7 @@ def to_onnx(model: torch.nn.Module, input_size: int) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is on purpose
         torch.onnx.export(
-            model, (dummy,), buffer,
+            model, (dummy,), buffer,  # type: ignore[arg-type]  # a file object works; stubs say path
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             opset_version=OPSET, do_constant_folding=True, dynamo=False,

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from defcnn.errors import ConfigError, ExportError
+from defcnn.names import LABELS_FILE
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -73,7 +74,7 @@ def staged_version(model_dir: Path, version: int) -> Iterator[Path]:
 
 def check_labels(model_dir: Path, classes: list[str]) -> None:
     """A model's versions share one label file: refuse a version with other classes."""
-    labels = model_dir / "labels.txt"
+    labels = model_dir / LABELS_FILE
     if labels.exists() and labels.read_text().splitlines() != classes:
         raise ExportError(
             f"{labels} lists other classes than this checkpoint; export under another --name"

@@ -1,16 +1,22 @@
-"""config.pbtxt for a Triton model repository, written as protobuf text format.
+"""config.pbtxt for a Triton model repository: a `ModelConfig` message written in protobuf
+text format, with the same schema (`defcnn.protos.model_config_pb2`) and library
+(`google.protobuf.text_format`) the server reads it with.
 
-Torch-free, so the server can read what the exporter writes. Tests parse the output with
-Triton's own `ModelConfig` schema (tritonclient ships it).
+Torch-free. Tests also parse the output with Triton's own `ModelConfig` schema (tritonclient
+ships it). Fields at their default (KIND_AUTO, a zero queue delay) are left out of the text,
+as text format does; every reader sees them as set.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from defcnn.export.onnx_graph import INPUT_NAME, OUTPUT_NAME
+from google.protobuf import text_format
 
-LABELS_FILE = "labels.txt"
+from defcnn.export.onnx_graph import INPUT_NAME, OUTPUT_NAME
+from defcnn.names import LABELS_FILE
+from defcnn.protos import model_config_pb2
+
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
 
 
@@ -35,40 +41,30 @@ class TritonModelConfig:
     instance_count: int = 1
     preferred: list[int] = field(default_factory=list)
 
-    def to_pbtxt(self) -> str:
-        preferred = self.preferred or preferred_batch_sizes(self.max_batch_size)
+    def to_model_config(self) -> model_config_pb2.ModelConfig:
         h = w = self.input_size
-        return "\n".join(
-            [
-                f'name: "{self.name}"',
-                f'platform: "{self.platform}"',
-                f"max_batch_size: {self.max_batch_size}",
-                "version_policy { all { } }",
-                "input [",
-                "  {",
-                f'    name: "{INPUT_NAME}"',
-                "    data_type: TYPE_FP32",
-                f"    dims: [ 3, {h}, {w} ]",
-                "  }",
-                "]",
-                "output [",
-                "  {",
-                f'    name: "{OUTPUT_NAME}"',
-                "    data_type: TYPE_FP32",
-                f"    dims: [ {self.num_classes} ]",
-                f'    label_filename: "{LABELS_FILE}"',
-                "  }",
-                "]",
-                "dynamic_batching {",
-                f"  preferred_batch_size: [ {', '.join(str(s) for s in preferred)} ]",
-                f"  max_queue_delay_microseconds: {self.max_queue_delay_us}",
-                "}",
-                "instance_group [",
-                "  {",
-                f"    count: {self.instance_count}",
-                "    kind: KIND_AUTO",
-                "  }",
-                "]",
-                "",
-            ]
+        config = model_config_pb2.ModelConfig(
+            name=self.name,
+            platform=self.platform,
+            max_batch_size=self.max_batch_size,
         )
+        config.version_policy.all.SetInParent()  # serve every version folder
+        config.input.add(name=INPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[3, h, w])
+        config.output.add(
+            name=OUTPUT_NAME,
+            data_type=model_config_pb2.TYPE_FP32,
+            dims=[self.num_classes],
+            label_filename=LABELS_FILE,
+        )
+        batching = config.dynamic_batching
+        batching.preferred_batch_size.extend(
+            self.preferred or preferred_batch_sizes(self.max_batch_size)
+        )
+        batching.max_queue_delay_microseconds = self.max_queue_delay_us
+        config.instance_group.add(
+            count=self.instance_count, kind=model_config_pb2.ModelInstanceGroup.KIND_AUTO
+        )
+        return config
+
+    def to_pbtxt(self) -> str:
+        return text_format.MessageToString(self.to_model_config())

@@ -4,7 +4,6 @@ parity with PyTorch in ONNX Runtime on random and real inputs. Failure raises.""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
@@ -30,7 +29,32 @@ class ParityCase:
     images: np.ndarray  # float32 [N, 3, H, W] in [0, 1]
 
 
-def structural_checks(model_proto: onnx.ModelProto, *, allow_batchnorm: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class GraphChecks:
+    """What the structural checks found (they raise on any failure)."""
+
+    checker: str
+    shape_inference: str
+    output_shape: list[int | str]  # a symbolic batch dimension is its name
+    ops: dict[str, int]  # op type -> node count
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """One parity case: ONNX Runtime against PyTorch on the same batch."""
+
+    case: str
+    batch: int
+    max_abs_diff: float
+    argmax_identical: bool
+    passed: bool
+
+    def line(self) -> str:
+        return (f"{self.case}: max|diff| {self.max_abs_diff:.2e}, argmax "
+                f"{'identical' if self.argmax_identical else 'differs'}")  # fmt: skip
+
+
+def structural_checks(model_proto: onnx.ModelProto, *, allow_batchnorm: bool) -> GraphChecks:
     """Checker (full), strict shape inference, and the op inventory."""
     try:
         onnx.checker.check_model(model_proto, full_check=True)
@@ -47,12 +71,12 @@ def structural_checks(model_proto: onnx.ModelProto, *, allow_batchnorm: bool) ->
     if model_proto.training_info:
         raise ExportError("the ONNX graph carries training_info")
     out = inferred.graph.output[0].type.tensor_type.shape.dim
-    return {
-        "checker": "passed (full_check)",
-        "shape_inference": "passed (strict)",
-        "output_shape": [d.dim_param or d.dim_value for d in out],
-        "ops": ops,
-    }
+    return GraphChecks(
+        checker="passed (full_check)",
+        shape_inference="passed (strict)",
+        output_shape=[d.dim_param or d.dim_value for d in out],
+        ops=ops,
+    )
 
 
 def ort_session(model_bytes: bytes) -> ort.InferenceSession:
@@ -64,7 +88,7 @@ def ort_session(model_bytes: bytes) -> ort.InferenceSession:
 
 def parity(
     session: ort.InferenceSession, model: torch.nn.Module, cases: list[ParityCase]
-) -> list[dict[str, Any]]:
+) -> list[ParityResult]:
     """Max abs logit difference and argmax agreement per case; raises past tolerance."""
     model = model.eval()
     results = []
@@ -77,10 +101,10 @@ def parity(
         diff = float(np.abs(got - expected).max())
         same_argmax = bool((got.argmax(1) == expected.argmax(1)).all())
         results.append(
-            {"case": case.name, "batch": len(case.images), "max_abs_diff": diff,
-             "argmax_identical": same_argmax, "passed": diff <= MAX_ABS_DIFF and same_argmax}
+            ParityResult(case=case.name, batch=len(case.images), max_abs_diff=diff,
+                         argmax_identical=same_argmax, passed=diff <= MAX_ABS_DIFF and same_argmax)
         )  # fmt: skip
-    failed = [r for r in results if not r["passed"]]
+    failed = "; ".join(r.line() for r in results if not r.passed)
     if failed:
         raise ExportError(f"ONNX Runtime and PyTorch disagree (tolerance {MAX_ABS_DIFF}): {failed}")
     return results

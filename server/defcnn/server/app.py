@@ -4,12 +4,15 @@ metrics, and a graceful shutdown on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -21,7 +24,8 @@ from defcnn.protos import grpc_service_pb2
 from defcnn.server.auth import BearerTokenInterceptor, load_token
 from defcnn.server.drain import ArrivalClock
 from defcnn.server.handlers import add_inference_service
-from defcnn.server.repository import ModelRepository, ServingOptions
+from defcnn.server.ready import ModelState, ReadyFile, check_writable
+from defcnn.server.repository import FailedVersion, ModelRepository, ServingOptions
 from defcnn.server.servicer import InferenceServicer
 from defcnn.server.statistics import Metrics, start_metrics_server
 
@@ -45,6 +49,13 @@ class ServerSettings:
     max_message_mb: int = 64
     grace_s: float = 10.0
     drain_quiet_s: float = 0.25
+    ready_file: str | None = None
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Every size check derives from max_message_mb: gRPC's limits both ways and the
+        repository's refusal of a max batch that would not fit."""
+        return self.max_message_mb * 2**20
 
 
 def _credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
@@ -64,16 +75,13 @@ class InferenceServer:
     """One running server; `start` returns once it serves, `stop` drains it."""
 
     def __init__(self, settings: ServerSettings) -> None:
-        settings = replace(
-            settings,
-            serving=replace(settings.serving, max_message_bytes=settings.max_message_mb * 2**20),
-        )
         self.settings = settings
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
         self.repository = ModelRepository(
-            Path(settings.model_repo), settings.serving, self.executor, self.metrics
-        )
+            Path(settings.model_repo), settings.serving, self.executor, self.metrics,
+            max_message_bytes=settings.max_message_bytes,
+        )  # fmt: skip
         self.metrics.watch_queues(self.repository.queue_depths)
         self.servicer = InferenceServicer(self.repository, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -82,21 +90,20 @@ class InferenceServer:
         self.port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
-        self._metrics_server = None
+        self._metrics_server: ThreadingHTTPServer | None = None
 
     async def start(self) -> None:
         s = self.settings
         token = load_token(s.auth_token_file)
         credentials = _credentials(s)
-        limit = s.max_message_mb * 1024 * 1024
         interceptors: list[grpc.aio.ServerInterceptor] = [self.arrivals]
         if token:
             interceptors.append(BearerTokenInterceptor(token))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -149,9 +156,21 @@ class InferenceServer:
         if self._server is not None:
             await self._server.wait_for_termination()
 
+    def ready_document(self) -> ReadyFile:
+        """What the ready file says: the bound ports, this process and every model version."""
+        models = tuple(
+            ModelState(mv.name, mv.version, False, mv.reason)
+            if isinstance(mv, FailedVersion) else ModelState(mv.name, mv.version, True)
+            for mv in self.repository.all_versions()
+        )  # fmt: skip
+        return ReadyFile(
+            host=self.settings.host, port=self.port, metrics_port=self.metrics_port or None,
+            pid=os.getpid(), tls=bool(self.settings.tls_cert), models=models,
+        )  # fmt: skip
+
     def ready_line(self) -> str:
         models = [
-            f"{mv.name}/{mv.version}{'' if mv.ready else ' (NOT READY)'}"
+            f"{mv.name}/{mv.version}{' (NOT READY)' if isinstance(mv, FailedVersion) else ''}"
             for mv in self.repository.all_versions()
         ]
         metrics = f", metrics on :{self.metrics_port}" if self.metrics_port else ""
@@ -164,26 +183,37 @@ class InferenceServer:
 
 async def serve(settings: ServerSettings) -> int:
     """Run until SIGTERM or SIGINT, then drain; returns the exit code."""
+    ready_file = Path(settings.ready_file) if settings.ready_file else None
+    if ready_file is not None:
+        check_writable(ready_file)
     server = InferenceServer(settings)
+    written = False
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+        if ready_file is not None:
+            await loop.run_in_executor(None, server.ready_document().write, ready_file)
+            written = True
         print(server.ready_line(), flush=True)
         await stop.wait()
         log.info("shutting down: draining in-flight requests")
     finally:
+        if ready_file is not None and written:  # a stopping server is no longer ready
+            with contextlib.suppress(OSError):
+                ready_file.unlink(missing_ok=True)
         await server.stop()
     print("defcnn serve: stopped", file=sys.stderr, flush=True)
     return 0
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Structured one-line logs: time, level, logger, message as key=value."""
+    """Structured one-line logs: time, level, logger, message as key=value. `level` is a
+    level name in any case ("debug", "INFO")."""
     logging.basicConfig(
-        level=level,
+        level=level.upper(),
         format='ts=%(asctime)s level=%(levelname)s logger=%(name)s msg="%(message)s"',
         stream=sys.stderr,
     )

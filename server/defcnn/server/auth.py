@@ -5,12 +5,11 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-from defcnn.errors import ConfigError
+from defcnn.tokens import read_token_file
 
 TOKEN_ENV = "DEFCNN_AUTH_TOKEN"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -19,13 +18,7 @@ EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 def load_token(token_file: str | None) -> str | None:
     """The token from a file (first line) or $DEFCNN_AUTH_TOKEN; None means auth is off."""
     if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --auth-token-file {token_file}: {exc}") from exc
-        if not token:
-            raise ConfigError(f"--auth-token-file {token_file} is empty")
-        return token
+        return read_token_file(token_file, flag="--auth-token-file")
     return os.environ.get(TOKEN_ENV) or None
 
 

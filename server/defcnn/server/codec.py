@@ -34,12 +34,9 @@ def decode_inputs(request: pb.ModelInferRequest, mv: ModelVersion) -> np.ndarray
     """The request's images as float32 [N, *dims]; raises on anything malformed."""
     expected_name = mv.config.input[0].name
     names = [t.name for t in request.inputs]
-    if names != [expected_name]:
-        missing = [expected_name] if expected_name not in names else []
-        extra = [n for n in names if n != expected_name]
+    if names != [expected_name]:  # missing, unknown, extra or repeated
         raise InvalidArgument(
-            f"model {mv.name!r} takes exactly one input {expected_name!r}; "
-            f"missing {missing}, unexpected {extra}"
+            f"model {mv.name!r} takes exactly one input {expected_name!r}; got {names}"
         )
     tensor = request.inputs[0]
     if tensor.datatype != "FP32":

@@ -3,13 +3,14 @@ INVALID_ARGUMENT with a plain message, instead of gRPC's UNKNOWN naming a Python
 
 The generated `add_GRPCInferenceServiceServicer_to_server` hands undecodable bytes to
 gRPC's own error path; here each method's deserialiser returns a `Malformed` marker instead,
-and the wrapper answers it before the servicer sees anything.
+and the wrapper answers it before the servicer sees anything. The one streaming method,
+ModelStreamInfer, is served here message by message with the servicer's `stream_message`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,14 +56,12 @@ def _unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _stream(
-    behaviour: Callable[..., AsyncIterator[pb.ModelStreamInferResponse]],
+    answer: Callable[[Any], Awaitable[pb.ModelStreamInferResponse]],
     closing: asyncio.Event,
 ) -> Callable[..., AsyncIterator[pb.ModelStreamInferResponse]]:
-    """As for every stream error: a malformed message is answered in its error_message.
-    Once `closing` is set, a stream waiting for its next message ends with UNAVAILABLE."""
-
-    async def one(request: Message) -> AsyncIterator[Message]:
-        yield request
+    """Each message answered in turn by `answer`; as for every stream error, a malformed
+    message is answered in its error_message. Once `closing` is set, a stream waiting for its
+    next message ends with UNAVAILABLE."""
 
     async def handle(
         requests: AsyncIterator[Message | Malformed], context: grpc.aio.ServicerContext
@@ -71,9 +70,8 @@ def _stream(
             async for request in until_set(closing, aiter(requests)):
                 if isinstance(request, Malformed):
                     yield pb.ModelStreamInferResponse(error_message=request.message)
-                    continue
-                async for response in behaviour(one(request), context):
-                    yield response
+                else:
+                    yield await answer(request)
         except Unavailable as exc:
             await context.abort(*status_of(exc))
 
@@ -88,17 +86,18 @@ def add_inference_service(servicer: Any, server: grpc.aio.Server, closing: async
     for method in service.methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        behaviour = getattr(servicer, method.name)
         options = {
             "request_deserializer": _deserializer(request_cls),
             "response_serializer": response_cls.SerializeToString,
         }
         if method.client_streaming or method.server_streaming:
+            if method.name != "ModelStreamInfer":
+                raise TypeError(f"no stream handler for {method.name}")
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _stream(behaviour, closing), **options
+                _stream(servicer.stream_message, closing), **options
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(behaviour), **options
+                _unary(getattr(servicer, method.name)), **options
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -4,7 +4,6 @@ never fatal. Names are looked up in what was loaded, never joined into paths."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,15 +11,15 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import text_format
 
+from defcnn.names import CONFIG_FILE, MODEL_FILE
 from defcnn.protos import model_config_pb2
+from defcnn.server._external_data import check_external_data
 from defcnn.server.backends.base import Backend
 from defcnn.server.batching import BatchRecord, DynamicBatcher
 from defcnn.server.errors import InvalidArgument, NotFound, Unavailable
 from defcnn.server.statistics import Metrics
 
 log = logging.getLogger("defcnn.server")
-
-MODEL_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -33,26 +32,36 @@ class ServingOptions:
     max_queue_delay_us: int | None = None
     max_queue_size: int = 1024
     threads: int = 0
-    max_message_bytes: int = 64 * 1024 * 1024
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class ModelVersion:
-    """One version of one model: its config, labels and, when ready, its batcher."""
+    """One loaded, warmed version of one model: what requests are checked against, and the
+    batcher that serves them."""
 
     name: str
     version: int
     config: model_config_pb2.ModelConfig
     labels: list[str]
-    platform: str
-    ready: bool = False
-    reason: str = ""
-    backend: Backend | None = None
-    batcher: DynamicBatcher | None = None
-    input_dims: tuple[int, ...] = ()
-    num_classes: int = 0
-    max_batch_size: int = 0
-    device: str = ""
+    input_dims: tuple[int, ...]
+    num_classes: int
+    max_batch_size: int
+    backend: Backend
+    batcher: DynamicBatcher
+
+
+@dataclass(frozen=True, eq=False)
+class FailedVersion:
+    """A version that did not load: listed as UNAVAILABLE with the reason, never served.
+    Its config is what config.pbtxt said (empty when unreadable), for metadata."""
+
+    name: str
+    version: int
+    reason: str
+    config: model_config_pb2.ModelConfig
+
+
+AnyVersion = ModelVersion | FailedVersion
 
 
 def parse_config(path: Path) -> model_config_pb2.ModelConfig:
@@ -73,45 +82,24 @@ def _make_backend(options: ServingOptions, folder: Path) -> Backend:
     raise InvalidArgument(f"backend must be onnxruntime or tensorrt, got {options.backend!r}")
 
 
-def check_external_data(model: Path) -> None:
-    """Refuse an ONNX file whose external tensor data lies outside its version folder: a
-    repository must never make the server read files it was not given."""
-    import onnx
-
-    def tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                yield from ([attr.t] if attr.HasField("t") else [])
-                yield from attr.tensors
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    yield from tensors(sub)
-
-    proto = onnx.load(str(model), load_external_data=False)
-    folder = model.parent.resolve()
-    for tensor in tensors(proto.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if Path(location).is_absolute() or not target.is_relative_to(folder):
-            raise InvalidArgument(
-                f"tensor {tensor.name!r} keeps its data at {location!r}, outside the model's "
-                "folder; refused"
-            )
-
-
 class ModelRepository:
     """Every (name, version) found under a repository folder, ready or not."""
 
     def __init__(
-        self, root: Path, options: ServingOptions, executor: Executor, metrics: Metrics
+        self,
+        root: Path,
+        options: ServingOptions,
+        executor: Executor,
+        metrics: Metrics,
+        *,
+        max_message_bytes: int,
     ) -> None:
         self.root = Path(root)
         self.options = options
         self.executor = executor
         self.metrics = metrics
-        self.models: dict[str, dict[int, ModelVersion]] = {}
+        self.max_message_bytes = max_message_bytes  # a full batch must fit in one message
+        self.models: dict[str, dict[int, AnyVersion]] = {}
 
     def load_all(self) -> None:
         """Load and warm every version; failures are logged and kept as not-ready entries."""
@@ -122,43 +110,48 @@ class ModelRepository:
                 continue
             self.models[model_dir.name] = self._load_model(model_dir)
 
-    def _load_model(self, model_dir: Path) -> dict[int, ModelVersion]:
+    def _load_model(self, model_dir: Path) -> dict[int, AnyVersion]:
         name = model_dir.name
         try:
-            config = parse_config(model_dir / "config.pbtxt")
+            config = parse_config(model_dir / CONFIG_FILE)
         except Exception as exc:
             log.error("model %s: unreadable config.pbtxt: %s", name, exc)
             reason = f"unreadable config.pbtxt: {exc}"
-            return {0: ModelVersion(name, 0, model_config_pb2.ModelConfig(), [], "", reason=reason)}
+            return {0: FailedVersion(name, 0, reason, model_config_pb2.ModelConfig())}
         label_name = config.output[0].label_filename if config.output else ""
         labels = []
         if label_name and Path(label_name).name == label_name and label_name != "..":
             labels_file = model_dir / label_name  # a plain name inside the model's folder only
             labels = labels_file.read_text().splitlines() if labels_file.is_file() else []
         versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
-        loaded = {}
+        loaded: dict[int, AnyVersion] = {}
         for v in versions:
-            mv = ModelVersion(name, v, config, labels, config.platform)
             try:
-                self._load_version(mv, model_dir / str(v))
+                loaded[v] = self._load_version(name, v, config, labels, model_dir / str(v))
             except Exception as exc:
-                mv.ready, mv.reason = False, f"{type(exc).__name__}: {exc}"
-                log.error("model %s version %d not ready: %s", name, v, mv.reason)
-            loaded[v] = mv
+                reason = f"{type(exc).__name__}: {exc}"
+                log.error("model %s version %d not ready: %s", name, v, reason)
+                loaded[v] = FailedVersion(name, v, reason, config)
         return loaded
 
-    def _load_version(self, mv: ModelVersion, folder: Path) -> None:
-        cfg = mv.config
+    def _load_version(
+        self,
+        name: str,
+        version: int,
+        cfg: model_config_pb2.ModelConfig,
+        labels: list[str],
+        folder: Path,
+    ) -> ModelVersion:
         if len(cfg.input) != 1 or len(cfg.output) != 1:
             raise InvalidArgument("expected exactly one input and one output in config.pbtxt")
-        mv.input_dims = tuple(int(d) for d in cfg.input[0].dims)
-        mv.num_classes = int(cfg.output[0].dims[0])
-        mv.max_batch_size = self.options.max_batch_size or cfg.max_batch_size or 1
-        needed = mv.max_batch_size * int(np.prod(mv.input_dims)) * 4 + 64 * 1024
-        if needed > self.options.max_message_bytes:
+        input_dims = tuple(int(d) for d in cfg.input[0].dims)
+        num_classes = int(cfg.output[0].dims[0])
+        max_batch_size = self.options.max_batch_size or cfg.max_batch_size or 1
+        needed = max_batch_size * int(np.prod(input_dims)) * 4 + 64 * 1024
+        if needed > self.max_message_bytes:
             raise InvalidArgument(
-                f"a full batch of {mv.max_batch_size} needs {needed / 2**20:.1f} MiB messages; "
-                f"raise --max-message-mb above {self.options.max_message_bytes / 2**20:.0f}"
+                f"a full batch of {max_batch_size} needs {needed / 2**20:.1f} MiB messages; "
+                f"raise --max-message-mb above {self.max_message_bytes / 2**20:.0f}"
             )
         delay_us = self.options.max_queue_delay_us
         if delay_us is None:
@@ -166,53 +159,65 @@ class ModelRepository:
         if self.options.backend == "onnxruntime":
             check_external_data(folder / MODEL_FILE)
         backend = _make_backend(self.options, folder)
-        for n in sorted({1, mv.max_batch_size}):  # warm-up, and a check that it really runs
-            out = backend.run(np.zeros((n, *mv.input_dims), dtype=np.float32))
-            if out.shape != (n, mv.num_classes):
-                raise InvalidArgument(f"warm-up output {out.shape}, expected {(n, mv.num_classes)}")
-        mv.backend, mv.device = backend, backend.device
+        for n in sorted({1, max_batch_size}):  # warm-up, and a check that it really runs
+            out = backend.run(np.zeros((n, *input_dims), dtype=np.float32))
+            if out.shape != (n, num_classes):
+                raise InvalidArgument(f"warm-up output {out.shape}, expected {(n, num_classes)}")
 
-        def record(b: BatchRecord, name: str = mv.name, version: int = mv.version) -> None:
+        def record(b: BatchRecord) -> None:
             if b.ok:
                 self.metrics.batch_executed(name, version, b.size, b.compute_ns)
 
-        mv.batcher = DynamicBatcher(
-            backend.run, max_batch_size=mv.max_batch_size, max_delay_s=delay_us / 1e6,
+        batcher = DynamicBatcher(
+            backend.run, max_batch_size=max_batch_size, max_delay_s=delay_us / 1e6,
             max_queue=self.options.max_queue_size, executor=self.executor, on_batch=record,
         )  # fmt: skip
-        mv.ready = True
-        log.info("model %s version %d ready on %s", mv.name, mv.version, backend.device)
+        log.info("model %s version %d ready on %s", name, version, backend.device)
+        return ModelVersion(
+            name, version, cfg, labels, input_dims, num_classes, max_batch_size, backend, batcher
+        )
 
     def queue_depths(self) -> dict[tuple[str, int], tuple[int, int]]:
         """(queued now, most ever queued) for every serving version, for the metrics."""
         return {(mv.name, mv.version): (mv.batcher.depth, mv.batcher.max_depth)
-                for mv in self.all_versions() if mv.batcher is not None}  # fmt: skip
+                for mv in self.ready_versions()}  # fmt: skip
 
     def start(self) -> None:
-        for mv in self.all_versions():
-            if mv.batcher is not None:
-                mv.batcher.start()
+        for mv in self.ready_versions():
+            mv.batcher.start()
 
     async def close(self) -> None:
-        for mv in self.all_versions():
-            if mv.batcher is not None:
-                await mv.batcher.close()
+        for mv in self.ready_versions():
+            await mv.batcher.close()
 
-    def all_versions(self) -> list[ModelVersion]:
+    def all_versions(self) -> list[AnyVersion]:
+        """Every version found, loaded or failed, by model name then version."""
         return [mv for versions in self.models.values() for mv in versions.values()]
 
-    def lookup(self, name: str, version: str = "") -> ModelVersion:
-        """The named version (or the newest ready one); NOT_FOUND or UNAVAILABLE otherwise."""
+    def ready_versions(self) -> list[ModelVersion]:
+        return [mv for mv in self.all_versions() if isinstance(mv, ModelVersion)]
+
+    def find(self, name: str, version: str = "") -> AnyVersion:
+        """The named version (or the newest), loaded or failed: for metadata, config and
+        statistics, which describe a model that is not serving too. NOT_FOUND otherwise."""
         versions = self.models.get(name)
         if not versions:
             raise NotFound(f"unknown model {name!r}")
         if version:
             if not version.isdigit() or int(version) not in versions:
                 raise NotFound(f"model {name!r} has no version {version!r}")
-            mv = versions[int(version)]
-        else:
-            ready = [mv for mv in versions.values() if mv.ready]
-            mv = ready[-1] if ready else versions[max(versions)]
-        if not mv.ready:
-            raise Unavailable(f"model {name!r} version {mv.version} is not ready: {mv.reason}")
-        return mv
+            return versions[int(version)]
+        return versions[max(versions)]
+
+    def lookup(self, name: str, version: str = "") -> ModelVersion:
+        """The named version (or the newest ready one) to serve; NOT_FOUND, or UNAVAILABLE
+        when it failed to load."""
+        found = self.find(name, version)
+        if not version:
+            ready = [mv for mv in self.models[name].values() if isinstance(mv, ModelVersion)]
+            found = max(ready, key=lambda mv: mv.version, default=found)
+        if isinstance(found, FailedVersion):
+            raise Unavailable(
+                f"model {name!r} version {found.version} is not ready: {found.reason}"
+            )
+        return found

@@ -2,7 +2,8 @@
 
 Errors are mapped to status codes in one place (`_handled`); RPCs we do not implement
 (shared memory, trace, log settings, model load/unload) keep the generated base class's
-UNIMPLEMENTED answer.
+UNIMPLEMENTED answer. ModelStreamInfer is answered one message at a time by
+`stream_message`: the stream itself (drain, undecodable messages) belongs to handlers.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -19,7 +20,7 @@ from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 from defcnn.server import codec
 from defcnn.server.errors import NotFound, ServerError, Unavailable, status_of
-from defcnn.server.repository import ModelRepository, ModelVersion
+from defcnn.server.repository import FailedVersion, ModelRepository, ModelVersion
 from defcnn.server.statistics import Duration, Metrics
 
 log = logging.getLogger("defcnn.server")
@@ -92,26 +93,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS)
         )
 
-    def _any_version(self, name: str, version: str) -> ModelVersion:
-        """A version for metadata/config: ready or not, but it must exist."""
-        versions = self.repository.models.get(name)
-        if not versions:
-            raise NotFound(f"unknown model {name!r}")
-        if version:
-            if not version.isdigit() or int(version) not in versions:
-                raise NotFound(f"model {name!r} has no version {version!r}")
-            return versions[int(version)]
-        return versions[max(versions)]
-
     @_handled
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
-        mv = self._any_version(request.name, request.version)
+        mv = self.repository.find(request.name, request.version)
         cfg = mv.config
         versions = sorted(self.repository.models[request.name])
         response = pb.ModelMetadataResponse(
-            name=mv.name, versions=[str(v) for v in versions], platform=mv.platform
+            name=mv.name, versions=[str(v) for v in versions], platform=cfg.platform
         )
         for t in cfg.input:
             response.inputs.add(name=t.name, datatype="FP32", shape=_dims(list(t.dims)))
@@ -123,10 +113,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Any
     ) -> pb.ModelConfigResponse:
-        mv = self._any_version(request.name, request.version)
+        mv = self.repository.find(request.name, request.version)
         response = pb.ModelConfigResponse()
         response.config.CopyFrom(mv.config)
-        if mv.max_batch_size:
+        if isinstance(mv, ModelVersion):  # the limit in force (--max-batch-size may override)
             response.config.max_batch_size = mv.max_batch_size
         return response
 
@@ -149,7 +139,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             images = codec.decode_inputs(request, mv)
             outputs = codec.requested_outputs(request, mv)
-            assert mv.batcher is not None  # a ready version always has one
             logits, timing = await mv.batcher.submit(images, deadline)
             response = codec.encode_response(request, mv, outputs, logits)
         except BaseException:
@@ -163,28 +152,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )  # fmt: skip
         return response
 
-    async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """As Triton: an error answers that request in error_message; the stream goes on."""
-        async for request in request_iterator:
-            try:
-                response = await self.infer(request, None)
-                yield pb.ModelStreamInferResponse(infer_response=response)
-            except Exception as exc:
-                _, message = status_of(exc)
-                if not isinstance(exc, ServerError):
-                    log.exception("internal error in ModelStreamInfer")
-                yield pb.ModelStreamInferResponse(
-                    error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
-                )
+    async def stream_message(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        """One message of ModelStreamInfer. As Triton: an error answers that request in
+        error_message, and the stream goes on."""
+        try:
+            response = await self.infer(request, None)
+        except Exception as exc:
+            _, message = status_of(exc)
+            if not isinstance(exc, ServerError):
+                log.exception("internal error in ModelStreamInfer")
+            return pb.ModelStreamInferResponse(
+                error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
+            )
+        return pb.ModelStreamInferResponse(infer_response=response)
 
     @_handled
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
         if request.name:
-            self._any_version(request.name, request.version)
+            self.repository.find(request.name, request.version)
         response = pb.ModelStatisticsResponse()
         snapshot = self.metrics.snapshot()
         for mv in self.repository.all_versions():
@@ -192,9 +179,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 continue
             if request.version and str(mv.version) != request.version:
                 continue
-            s = snapshot.get((mv.name, mv.version))
             entry = response.model_stats.add(name=mv.name, version=str(mv.version))
-            if s is None:
+            s = snapshot.get((mv.name, mv.version))
+            if isinstance(mv, FailedVersion) or s is None:  # never served: all counters zero
                 continue
             entry.last_inference = s.last_inference_ms
             entry.inference_count = s.inference_count
@@ -219,12 +206,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
         for mv in self.repository.all_versions():
-            if request.ready and not mv.ready:
-                continue
-            response.models.add(
-                name=mv.name, version=str(mv.version),
-                state="READY" if mv.ready else "UNAVAILABLE", reason=mv.reason,
-            )  # fmt: skip
+            if isinstance(mv, ModelVersion):
+                response.models.add(name=mv.name, version=str(mv.version), state="READY")
+            elif not request.ready:
+                response.models.add(
+                    name=mv.name, version=str(mv.version), state="UNAVAILABLE", reason=mv.reason
+                )
         return response
 
 
