@@ -38,6 +38,7 @@ from _machine import machine
 from defcnn.checkpoint import save_checkpoint
 from defcnn.export.exporter import ExportSettings, export
 from defcnn.models import ModelSpec, create_model
+from defcnn.names import MODEL_FILE
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 from defcnn.server.launcher import local_server
@@ -158,7 +159,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         repo = build_repo(Path(tmp))
-        model = repo / "bench" / "1" / "model.onnx"
+        model = repo / "bench" / "1" / MODEL_FILE
         result: dict = {"machine": machine(), "onnxruntime": ort.__version__,
                         "grpcio": grpc.__version__, "seconds": args.seconds}  # fmt: skip
         result["in_process"] = in_process(model, args.seconds)

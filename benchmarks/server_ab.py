@@ -27,6 +27,7 @@ from _machine import machine
 from serve_throughput import build_repo
 
 from defcnn.client.loadtest import run_load
+from defcnn.names import MODEL_FILE
 from defcnn.server.launcher import local_server
 
 HERE = Path(__file__).resolve().parent.parent
@@ -68,7 +69,7 @@ def main() -> int:
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repo(Path(tmp))
-        model = repo / "bench" / "1" / "model.onnx"
+        model = repo / "bench" / "1" / MODEL_FILE
         images = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         logits = session.run(None, {"input": images})[0]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from defcnn.models import create_model
 from defcnn.training.distributed import pick_device
+from defcnn.versions import versions
 
 
 def time_steps(
@@ -92,8 +92,7 @@ def main() -> None:
             else machine(torch.get_num_threads())
         ),
         "device": str(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        "versions": versions("torch"),
         "arch": "resnet18",
         "width": args.width,
         "batch_size": args.batch_size,

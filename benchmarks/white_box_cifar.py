@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from defcnn.data import load_dataset
 from defcnn.layers import Normalize
 from defcnn.layers.normalize import CIFAR10_MEAN, CIFAR10_STD
 from defcnn.stats import wilson
+from defcnn.versions import versions
 
 ATTACKS = ("fgsm", "pgd", "mifgsm", "difgsm")
 
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="also write the figures here as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine(args.threads)}; torch {torch.__version__}, "
-          f"python {platform.python_version()}")  # fmt: skip
+    stack = versions("torch", "numpy", "pillow")
+    print(f"machine: {machine(args.threads)}; " + ", ".join(f"{k} {v}" for k, v in stack.items()))
     with tempfile.TemporaryDirectory() as cache:
         data = load_dataset("imagefolder", args.data, cache_dir=cache, progress=False)
     start = time.perf_counter()
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {row['attack']} | {args.eps:g}/255 | {row['rate']} |")
     if args.out:
         doc = {
-            "machine": machine(args.threads), "torch": torch.__version__, "seed": args.seed,
+            "machine": machine(args.threads), "versions": stack, "seed": args.seed,
             "settings": vars(args), "clean": clean.__dict__,
             "rows": [{"attack": r["attack"], **r["rate"].__dict__} for r in rows],
         }  # fmt: skip

@@ -261,7 +261,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue-delay-us", type=int, help="default: each model's config.pbtxt")
     p.add_argument("--max-queue-size", type=int, default=1024, help="requests per model version")
     p.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime intra-op threads (0: its own default, one per core)",
+    )
     p.add_argument("--auth-token-file", help="require this bearer token (or $DEFCNN_AUTH_TOKEN)")
     p.add_argument("--tls-cert", help="server certificate (PEM); serves TLS with --tls-key")
     p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
@@ -438,7 +443,12 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 def _classify_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="classify image files with a running defcnn server")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="PNG/JPEG files or folders")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files (png, jpg, jpeg, bmp, gif, webp) or folders",
+    )
     p.add_argument("--url", required=True, help="HOST:PORT, grpc://HOST:PORT or grpcs://...")
     p.add_argument("--model", required=True, help="model name in the server's repository")
     p.add_argument("--top-k", type=int, default=1, help="classes to print per image")

@@ -14,7 +14,11 @@ from typing import Any
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` on a temp file beside `path`, fsync it, then rename it over `path`."""
+    """Call ``write(tmp)`` on a temp file beside `path`, fsync it, then rename it over `path`.
+
+    The file gets the mode a plain ``open()`` would give (0666 less the umask), not
+    mkstemp's 0600: an exported repository is read by a server that may run as another user.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,12 +28,24 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def _umask() -> int:
+    current = os.umask(0)  # the only way to read it is to set it
+    os.umask(current)
+    return current
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write text atomically (reports people read)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (reports, configs, metrics)."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)))
+    write_text(path, json.dumps(data, indent=2, sort_keys=True))

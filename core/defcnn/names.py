@@ -20,6 +20,9 @@ CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "verification.json"
+# The exported graph's tensor names, which config.pbtxt and every client see.
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
 
 _ENGINE = re.compile(r"^model\.sm(\d+)\.trt([\d.]+)\.(fp32|fp16)\.plan$")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from defcnn.cli import EXIT_USAGE, main
+from defcnn.cli import EXIT_USAGE
 from defcnn.errors import DefcnnError
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
@@ -105,7 +106,7 @@ def test_a_server_that_cannot_start_is_a_clear_error_with_its_log(tmp_path: Path
     "case", ["missing folder", "parent is a file", "is a folder", "folder refuses files"]
 )
 def test_a_ready_file_that_cannot_be_written_is_refused_before_serving(
-    tmp_path: Path, capsys, case: str
+    tmp_path: Path, case: str
 ) -> None:
     if case == "folder refuses files" and sys.platform != "linux":
         pytest.skip("/proc takes no new files, even from root, on Linux")
@@ -116,21 +117,52 @@ def test_a_ready_file_that_cannot_be_written_is_refused_before_serving(
         "is a folder": tmp_path,
         "folder refuses files": Path("/proc/defcnn-ready.json"),
     }[case]
-    argv = ["serve", "--model-repo", str(tmp_path), "--port", "0", "--metrics-port", "-1",
-            "--ready-file", str(path)]  # fmt: skip
-    assert main(argv) == EXIT_USAGE
-    assert f"--ready-file {path}" in capsys.readouterr().err
+    done = _serve(tmp_path, path)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert f"--ready-file {path}" in done.stderr
+
+
+def _serve(repo: Path, ready_file: Path) -> subprocess.CompletedProcess[str]:
+    """`defcnn serve` in a child with a time limit: a check that regressed into serving
+    fails the test instead of hanging the suite."""
+    argv = ["serve", "--model-repo", str(repo), "--port", "0", "--metrics-port", "-1",
+            "--ready-file", str(ready_file)]  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "defcnn", *argv], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def test_a_stale_ready_file_is_removed_before_the_server_starts(tmp_path: Path) -> None:
+    """A file left by a killed server must not tell a watcher that this one is ready."""
+    ready = tmp_path / "ready.json"
+    ready.write_text('{"format": 1, "port": 1}')
+    done = _serve(tmp_path / "no-such-repo", ready)  # a server that fails to start
+    assert done.returncode != 0
+    assert not ready.exists()
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
-def test_a_read_only_ready_file_folder_is_refused(tmp_path: Path, capsys) -> None:
+def test_a_read_only_ready_file_folder_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        argv = ["serve", "--model-repo", str(tmp_path), "--port", "0", "--metrics-port", "-1",
-                "--ready-file", str(folder / "ready.json")]  # fmt: skip
-        assert main(argv) == EXIT_USAGE
-        assert "cannot write in" in capsys.readouterr().err
+        done = _serve(tmp_path, folder / "ready.json")
+        assert done.returncode == EXIT_USAGE, done.stderr
+        assert "cannot write in" in done.stderr
     finally:
         folder.chmod(0o700)
+
+
+def test_a_port_in_use_is_a_one_line_error(tmp_path: Path, repo) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "defcnn", "serve", "--model-repo", str(repo.root),
+             "--port", str(port), "--metrics-port", "-1"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert f"cannot bind 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr

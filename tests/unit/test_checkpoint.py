@@ -94,3 +94,13 @@ def test_failed_write_leaves_the_previous_file_intact(tmp_path: Path) -> None:
         atomic_write(target, failing)
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path: Path) -> None:
+    """Not mkstemp's 0600: a server running as another user must read an exported model."""
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f", lambda tmp: tmp.write_text("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import matplotlib
 import numpy as np
 
 from defcnn import display
-from defcnn.atomic import atomic_write
+from defcnn.atomic import write_json, write_text
 from defcnn.attack.results import QueryResult, TransferResult, TransferRow, queries_text
 
 matplotlib.use("Agg")
@@ -19,8 +18,7 @@ import matplotlib.pyplot as plt
 
 
 def write_results(out: Path, results: TransferResult | QueryResult) -> None:
-    text = json.dumps(results.to_dict(), indent=2, sort_keys=True)
-    atomic_write(out / "results.json", lambda tmp: tmp.write_text(text))
+    write_json(out / "results.json", results.to_dict())
 
 
 def _table(rows: Sequence[Any], columns: dict[str, Callable[[Any], str]]) -> str:
@@ -67,7 +65,7 @@ def transfer_report(out: Path, results: TransferResult) -> None:
         "![examples](examples.png)",
         "",
     ]
-    (out / "report.md").write_text("\n".join(text))
+    write_text(out / "report.md", "\n".join(text))
     _plot_transfer(out / "robust_accuracy.png", rows)
 
 
@@ -128,7 +126,7 @@ def query_report(out: Path, results: QueryResult) -> None:
             ]
     text += [f"Queries sent: {queries_text(results.queries)}.", ""]
     text += ["![success vs queries](success_vs_queries.png)", "", "![examples](examples.png)", ""]
-    (out / "report.md").write_text("\n".join(text))
+    write_text(out / "report.md", "\n".join(text))
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
     for model, entry in results.models.items():
         rows = entry.by_budget

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from defcnn.atomic import atomic_write
 from defcnn.data.dataset import ImageDataset
 from defcnn.errors import DataError
 
@@ -74,11 +73,10 @@ def load_cache(path: Path) -> ImageDataset | None:
 
 
 def save_cache(path: Path, ds: ImageDataset) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves a half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    """Write atomically, so a crash never leaves a half-written cache."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             np.savez(
                 fh,
                 name=np.array(ds.name),
@@ -86,15 +84,8 @@ def save_cache(path: Path, ds: ImageDataset) -> None:
                 source=np.array(ds.source),
                 **{key: getattr(ds, key) for key in _ARRAYS},
             )
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+
+    atomic_write(path, write)
 
 
 def cached(

@@ -21,9 +21,8 @@ from onnx import numpy_helper
 
 from defcnn.errors import ExportError
 from defcnn.layers.defective import mask_buffers
+from defcnn.names import INPUT_NAME, OUTPUT_NAME
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 OPSET = 17
 META_PREFIX = "defcnn."
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import text_format
 
-from defcnn.export.onnx_graph import INPUT_NAME, OUTPUT_NAME
-from defcnn.names import LABELS_FILE
+from defcnn.names import INPUT_NAME, LABELS_FILE, OUTPUT_NAME
 from defcnn.protos import model_config_pb2
 
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import torch
 
 from defcnn.errors import ExportError
-from defcnn.export.onnx_graph import INPUT_NAME, OUTPUT_NAME
+from defcnn.names import INPUT_NAME, OUTPUT_NAME
 
 MAX_ABS_DIFF = 1e-4
 # Ops that are random, or only meaningful while training, must not survive an export.

@@ -116,10 +116,13 @@ class InferenceServer:
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{s.host}:{s.port}"
-        self.port = (
-            server.add_secure_port(address, credentials) if credentials
-            else server.add_insecure_port(address)
-        )  # fmt: skip
+        try:
+            self.port = (
+                server.add_secure_port(address, credentials) if credentials
+                else server.add_insecure_port(address)
+            )  # fmt: skip
+        except RuntimeError as exc:  # grpc's "Failed to bind": the port is taken or refused
+            raise ConfigError(f"cannot bind {address} (in use, or not an address here)") from exc
         if self.port == 0:
             raise ConfigError(f"cannot bind {address}")
         await server.start()

@@ -62,7 +62,8 @@ class ReadyFile:
 
 def check_writable(path: Path) -> None:
     """Refuse, before serving, a ready file that could not be written: its folder must exist
-    and take a new file (tried for real, since permission bits do not bind root)."""
+    and take a new file (tried for real, since permission bits do not bind root). Removes a
+    stale ready file at `path`."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--ready-file {path} is a folder; expected a file path")
@@ -76,3 +77,6 @@ def check_writable(path: Path) -> None:
                           f"{exc.strerror or exc}") from exc  # fmt: skip
     os.close(fd)
     os.unlink(probe)
+    # A file left by an earlier server (killed, or one that failed to start) would tell a
+    # watcher this one is ready, on the old port: it goes before this server starts.
+    path.unlink(missing_ok=True)
