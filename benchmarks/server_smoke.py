@@ -1,11 +1,10 @@
 """Smoke-check `defcnn serve` under another Python: the batch window and the drain.
 
-The server needs no torch, so an interpreter without a torch wheel (Python 3.10 here) can
-still run it from the source tree:
+The server needs no torch, so the base install (no extras) runs it under an interpreter
+without a torch wheel (Python 3.10 here):
 
-    python3.10 -m venv /tmp/py310 && /tmp/py310/bin/pip install grpcio 'protobuf>=6.33.5,<7' \\
-        grpcio-health-checking grpcio-reflection prometheus-client onnx onnxruntime numpy
-    PYTHONPATH=core:server:protos:app /tmp/py310/bin/python benchmarks/server_smoke.py REPO MODEL
+    python3.10 -m venv /tmp/py310 && /tmp/py310/bin/pip install -e .
+    /tmp/py310/bin/python benchmarks/server_smoke.py REPO MODEL
 
 REPO is a repository written by `defcnn export`, MODEL one of its models. Checks, printing
 each: three requests that wait out a 0.3 s batch window are answered; an idle stream ends
