@@ -316,38 +316,71 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
+# The attack settings' defaults, for the help text (defcnn.attack.settings.DEFAULTS applies
+# them; a unit test keeps the two equal). Argparse defaults stay None, so that a value from
+# --config can tell itself apart from one on the command line.
 _ATTACK_DEFAULTS: dict[str, object] = {
-    "dataset": "digits", "num_images": 100, "seed": 0, "timeout": 60.0, "batch_size": 64,
-    "attack": None, "eps": None, "budget": 1000,
+    "dataset": "digits", "num-images": 100, "seed": 0, "timeout": 60.0, "batch-size": 64,
+    "budget": 1000, "eps-transfer": (16.0,), "eps-query": 16.0,
 }  # fmt: skip
-_TRANSFER_EPS, _QUERY_EPS = [16.0], 16.0  # when neither the flags nor --config set --eps
+_TRANSFER_ATTACKS = ("fgsm", "pgd", "mifgsm", "difgsm", "cwl2")
+_QUERY_ATTACKS_HELP = ("square, simba (need scores); hopskipjump, boundary, geoda, signopt "
+                       "(decision-based: labels suffice)")  # fmt: skip
 
 
 def _attack_default(name: str) -> str:
-    """The "(default: ...)" of an attack option: its argparse default stays None, so that
-    a value from --config can tell itself apart from one on the command line."""
-    shown = {"eps_transfer": _TRANSFER_EPS, "eps_query": _QUERY_EPS}.get(name)
-    return f"(default: {_shown(shown if shown is not None else _ATTACK_DEFAULTS[name])})"
+    """The "(default: ...)" of an attack option."""
+    return f"(default: {_shown(_ATTACK_DEFAULTS[name])})"
 
 
 def _attack_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", help="HOST:PORT of the endpoint")
+    p.add_argument("--url", help="HOST:PORT, grpc(s)://HOST:PORT or http(s)://HOST:PORT")
     p.add_argument("--model", action="append", help="endpoint model (repeat for several)")
-    p.add_argument("--dataset", choices=DATASETS, help=f"data set {_attack_default('dataset')}")
+    p.add_argument("--dataset", help=f"{', '.join(DATASETS)} {_attack_default('dataset')}")
     p.add_argument("--data-dir", help="folder of --dataset, if it needs one")
     p.add_argument(
         "--num-images",
         type=int,
-        help=f"images of a seeded test subset {_attack_default('num_images')}",
+        help=f"images of a seeded test subset {_attack_default('num-images')}",
     )
     p.add_argument("--seed", type=int, help=f"seed of subset and attacks {_attack_default('seed')}")
-    p.add_argument("--out", help="report folder (a rerun resumes from what is there)")
-    p.add_argument("--config", help="JSON file with the same settings (flags win)")
+    p.add_argument(
+        "--label-map",
+        metavar="FILE",
+        help="JSON list or object: data set class (index or name) -> endpoint index",
+    )
+    p.add_argument("--out", help="report folder (a rerun with the same settings resumes)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a different earlier run in --out (its files only)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE.json",
+        help='the same settings as JSON, keys named as the flags ("num-images"); flags win',
+    )
     p.add_argument("--token-file", help="bearer token file (first line)")
     p.add_argument("--tls-ca", help="CA certificate to verify the server (implies TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS (with --tls-key)")
     p.add_argument("--tls-key", help="private key of --tls-cert")
     p.add_argument("--timeout", type=float, help=f"seconds per RPC {_attack_default('timeout')}")
+    spec = p.add_argument_group("endpoint spec", "what the endpoint's metadata does not say "
+                                "(default: read from it)")  # fmt: skip
+    spec.add_argument("--layout", help="input layout: NCHW or NHWC")
+    spec.add_argument(
+        "--input-range",
+        metavar="LO,HI",
+        help="the values sent for pixel 0 and pixel 1 (e.g. 0,255)",
+    )
+    spec.add_argument("--mean", metavar="A,B,C", help="per-channel mean subtracted after scaling")
+    spec.add_argument("--std", metavar="A,B,C", help="per-channel std divided by after scaling")
+    spec.add_argument("--output", metavar="NAME", help="output tensor to read")
+    spec.add_argument("--output-kind", help="logits, probabilities or label")
+    spec.add_argument("--num-classes", type=int, help="classes of a label-only endpoint")
+    spec.add_argument("--max-batch-size", type=int,
+                      help="images per request (default: the endpoint's config, else 64 when "
+                      "its metadata allows any batch); changes speed, never results")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -357,87 +390,53 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
     t = kinds.add_parser("transfer", help="craft on local surrogates, send to the endpoint")
     _attack_common(t)
     t.add_argument("--surrogate", action="append", help="surrogate checkpoint (repeat: ensemble)")
-    t.add_argument("--attack", nargs="+", choices=("fgsm", "pgd", "mifgsm", "difgsm", "cwl2"),
-                   help="white-box attacks run on the surrogates")  # fmt: skip
+    t.add_argument(
+        "--attack",
+        nargs="+",
+        metavar="ATTACK",
+        help=f"white-box attacks run on the surrogates: {', '.join(_TRANSFER_ATTACKS)}",
+    )
     t.add_argument(
         "--eps",
         type=float,
         nargs="+",
-        help=f"L-inf budgets in 1/255 units {_attack_default('eps_transfer')}",
+        help=f"L-inf budgets in (0, 255], 1/255 units {_attack_default('eps-transfer')}",
     )
-    t.add_argument("--batch-size", type=int,
-                   help=f"images crafted at once {_attack_default('batch_size')}")  # fmt: skip
+    t.add_argument(
+        "--steps", type=int, help="iterations of pgd, mifgsm, difgsm (default: the paper's, 20)"
+    )
+    t.add_argument(
+        "--step",
+        type=float,
+        help="their step size in 1/255 units, at most eps (default: the paper's, 1)",
+    )
+    t.add_argument(
+        "--batch-size", type=int, help=f"images crafted at once {_attack_default('batch-size')}"
+    )
     t.set_defaults(func=_cmd_attack)
     q = kinds.add_parser("query", help="query-based black-box attack through the endpoint")
     _attack_common(q)
-    q.add_argument("--attack", choices=("square", "hopskipjump", "boundary", "simba"),
-                   help="black-box attack")  # fmt: skip
+    q.add_argument("--attack", help=f"black-box attack: {_QUERY_ATTACKS_HELP}")
     q.add_argument("--budget", type=int, help=f"queries per image {_attack_default('budget')}")
     q.add_argument("--eps", type=float,
-                   help=f"L-inf budget in 1/255 units, square and simba "
-                   f"{_attack_default('eps_query')}")  # fmt: skip
+                   help=f"L-inf budget in (0, 255], 1/255 units, for the L-inf attacks "
+                   f"{_attack_default('eps-query')}")  # fmt: skip
     q.set_defaults(func=_cmd_attack)
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
-    from defcnn.attack.harness import (
-        DataChoice,
-        Endpoint,
-        QuerySettings,
-        TransferSettings,
-        run_query,
-        run_transfer,
-    )  # fmt: skip
+    from defcnn.attack.harness import run_query, run_transfer
+    from defcnn.attack.settings import TransferSettings, settings_from
 
-    config: dict[str, object] = {}
-    if args.config:
-        try:
-            config = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read --config {args.config}: {exc}") from exc
-
-    def get(name: str) -> Any:  # a flag, a --config value or the default: any JSON type
-        value = getattr(args, name, None)
-        if value is None or value is False:
-            value = config.get(name, _ATTACK_DEFAULTS.get(name))
-        return value
-
-    for name in ("url", "model", "out", "attack"):
-        if not get(name):
-            raise ConfigError(f"--{name} is required (on the command line or in --config)")
-    models = get("model")
-    endpoint = Endpoint(
-        url=str(get("url")), models=tuple(models if isinstance(models, list) else [models]),
-        token_file=get("token_file"), tls_ca=get("tls_ca"), tls_cert=get("tls_cert"),
-        tls_key=get("tls_key"), timeout=float(get("timeout")),
-    )  # fmt: skip
-    data = DataChoice(dataset=str(get("dataset")), data_dir=get("data_dir"),
-                      num_images=int(get("num_images")), seed=int(get("seed")))  # fmt: skip
-    if args.kind == "transfer":
-        surrogates = get("surrogate")
-        if not surrogates:
-            raise ConfigError("--surrogate is required (a checkpoint; repeat for an ensemble)")
-        attacks, eps = get("attack"), get("eps") or _TRANSFER_EPS
-        transfer = TransferSettings(
-            endpoint=endpoint, surrogates=tuple(surrogates), data=data, out=str(get("out")),
-            attacks=tuple(attacks if isinstance(attacks, list) else [attacks]),
-            eps_255=tuple(float(e) for e in (eps if isinstance(eps, list) else [eps])),
-            batch_size=int(get("batch_size")),
-        )  # fmt: skip
-        for row in run_transfer(transfer, progress=not args.quiet).rows:
+    settings = settings_from(args.kind, vars(args), args.config)
+    if isinstance(settings, TransferSettings):
+        for row in run_transfer(settings, progress=not args.quiet).rows:
             print(row.line())
     else:
-        budget = int(get("budget"))
-        if budget < 1:
-            raise ConfigError(f"--budget must be >= 1, got {budget}")
-        query = QuerySettings(
-            endpoint=endpoint, attack=str(get("attack")), budget=budget, data=data,
-            eps_255=float(get("eps") or _QUERY_EPS), out=str(get("out")),
-        )  # fmt: skip
-        results = run_query(query, progress=not args.quiet)
+        results = run_query(settings, progress=not args.quiet)
         for model in results.models:
             print(results.line(model))
-    print(f"report: {Path(str(get('out'))) / 'report.md'}")
+    print(f"report: {Path(settings.out) / 'report.md'}")
     return EXIT_OK
 
 

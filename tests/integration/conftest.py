@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
+import json
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from defcnn.export.exporter import ExportSettings, export
+from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
-from defcnn.server.launcher import LocalServer, local_server
+from defcnn.server.launcher import LocalServer, _with_parent_death_signal, local_server, log_tail
 from defcnn.training import TrainConfig, train
 
 _LOGS: list[Path] = []  # the session's folder for server logs, set by _server_logs
@@ -183,3 +189,109 @@ def certificates(tmp_path: Path) -> dict[str, Path]:
             )
         )
     return files
+
+
+@dataclass
+class ForeignServer:
+    """A KServe ModelServer (tests/integration/foreign_server.py) in a subprocess: a
+    third-party Open Inference Protocol endpoint, REST and gRPC on loopback."""
+
+    process: subprocess.Popen[bytes]
+    http_port: int
+    grpc_port: int
+    log: Path
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+
+
+class ForeignServers:
+    """`foreign.start(onnx, name=..., **options)` starts a KServe server (options as in
+    foreign_server.py's docstring: datatype, layout, output, ...) and waits, at most
+    `startup_s`, until REST and gRPC both answer ready; all are stopped at session end."""
+
+    SCRIPT = Path(__file__).with_name("foreign_server.py")
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._started: list[ForeignServer] = []
+
+    def start(
+        self, onnx: Path, *, name: str = "digits", startup_s: float = 60.0, **options: object
+    ) -> ForeignServer:
+        if importlib.util.find_spec("kserve") is None:  # looked up, never imported here
+            pytest.skip("kserve is not installed (pip install -e '.[test]')")
+        n = next(_COUNT)
+        ready, log = self._folder / f"foreign-{n}.json", self._folder / f"foreign-{n}.log"
+        config = self._folder / f"foreign-{n}.config.json"
+        config.write_text(
+            json.dumps({"onnx": str(onnx), "name": name, "ready_file": str(ready), **options})
+        )
+        with log.open("wb") as out:
+            # Stopped by the kernel too, should pytest itself be killed (as `defcnn serve` is).
+            cmd = _with_parent_death_signal([sys.executable, str(self.SCRIPT), str(config)])
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + startup_s
+        try:
+            while not ready.exists():
+                self._check(process, log, deadline)
+                time.sleep(0.1)
+            ports = json.loads(ready.read_text())
+            server = ForeignServer(process, ports["http_port"], ports["grpc_port"], log)
+            self._started.append(server)
+            while not self._ready(server):
+                self._check(process, log, deadline)
+                time.sleep(0.1)
+            return server
+        except BaseException:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=15)
+            raise
+
+    @staticmethod
+    def _ready(server: ForeignServer) -> bool:
+        try:
+            if httpx.get(f"{server.rest_url}/v2/health/ready", timeout=2).status_code != 200:
+                return False
+            with grpc.insecure_channel(server.grpc_url) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                return stub.ServerReady(pb.ServerReadyRequest(), timeout=2).ready
+        except (httpx.HTTPError, grpc.RpcError):
+            return False
+
+    @staticmethod
+    def _check(process: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
+        code = process.poll()
+        if code is not None or time.monotonic() > deadline:
+            state = "not ready in time" if code is None else f"exited with {code}"
+            pytest.fail(f"KServe server {state}; its log ends:\n{log_tail(log)}")
+
+    def stop_all(self) -> None:
+        while self._started:
+            self._started.pop().stop()
+
+
+@pytest.fixture(scope="session")
+def foreign(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForeignServers]:
+    """Starts third-party (KServe) endpoints; see ForeignServers."""
+    servers = ForeignServers(tmp_path_factory.mktemp("foreign"))
+    try:
+        yield servers
+    finally:
+        servers.stop_all()

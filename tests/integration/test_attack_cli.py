@@ -36,6 +36,7 @@ def _inference_count(server, model: str = "digits") -> int:
 def _assert_readable(text: str) -> None:
     """What people read holds no Python leftovers: no None, no dict or list text."""
     prose = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", text)  # Markdown images are fine
+    prose = re.sub(r"\[-?[\d.]+, -?[\d.]+\]", "", prose)  # so are intervals and ranges
     assert "None" not in prose and "{" not in prose and "[" not in prose, text
 
 
@@ -57,8 +58,12 @@ def test_transfer_attack_report_counts_and_resume(
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "transfer metric" in printed
+    assert printed.count("endpoint digits") == 1  # the spec, said once
+    assert re.search(r"adv \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", printed)  # with its interval
     _assert_readable(printed)
     results = json.loads((out / "results.json").read_text())
+    assert results["specs"]["digits"]["output_kind"] == "logits"
+    assert results["specs"]["digits"]["height"] == 32
     assert {p.name for p in out.iterdir()} >= {"results.json", "report.md", "robust_accuracy.png",
                                                "examples.png"}  # fmt: skip
     rows = results["rows"]
@@ -70,9 +75,11 @@ def test_transfer_attack_report_counts_and_resume(
     }
     for r in rows:
         assert r["images"] == 12
+        low, high = r["accuracy_adversarial_ci"]
+        assert low <= r["accuracy_adversarial"] <= high
         assert r["mean_linf"] <= r["eps_255"] / 255 + 1e-9  # what was sent stays in the ball
         assert 0.0 <= r["accuracy_adversarial"] <= 1.0
-    sent = 12 * (1 + 4) + 1  # clean once, each attack x eps, and the client's label lookup
+    sent = 12 * (1 + 4) + 1  # clean once, each attack x eps, and the spec's one probe
     assert results["queries"]["digits"]["images"] == sent
     assert _inference_count(server) - before == sent  # the server saw exactly what we counted
     report = (out / "report.md").read_text()
@@ -80,8 +87,19 @@ def test_transfer_attack_report_counts_and_resume(
     assert f"Queries sent: digits {sent} images in " in report
     _assert_readable(report)
     assert _same_json(TransferResult.from_dict(results).to_dict(), results)  # file = type
-    assert main(argv) == 0  # a rerun resumes from disk: nothing is crafted or sent again
-    assert _inference_count(server) - before == sent
+    # A rerun with the same settings resumes from disk: nothing is crafted or sent again
+    # but the spec's one probe (the endpoint is read again, to check it is the same one).
+    assert main(argv) == 0
+    assert _inference_count(server) - before == sent + 1
+    again = json.loads((out / "results.json").read_text())
+    assert again["queries"]["digits"]["images"] == 1  # this run
+    assert again["totals"]["runs"] == 2  # and every run into the folder, together
+    assert again["totals"]["queries"]["digits"]["images"] == sent + 1
+    assert again["rows"] == rows
+    assert "All runs into this folder together: 2 runs" in (out / "report.md").read_text()
+    # Images per request change speed, never a result: still the same run, resumed.
+    assert main([*argv, "--max-batch-size", "3"]) == 0
+    assert json.loads((out / "results.json").read_text())["totals"]["runs"] == 3
 
 
 @pytest.mark.parametrize("attack", ["square", "hopskipjump"])
@@ -132,3 +150,192 @@ def test_a_query_attack_where_nothing_succeeds_reads_as_such(
     typed = QueryResult.from_dict(results)
     assert _same_json(typed.to_dict(), results)
     assert typed.models["digits"].last.median_queries is None
+
+
+# ---------------------------------------------------------------- hostile settings
+
+
+def _query_argv(server, out: Path, *extra: str) -> list[str]:
+    return ["attack", "query", "--url", server.address, "--model", "digits", "--num-images", "3",
+            "--out", str(out), "--quiet", *extra]  # fmt: skip
+
+
+def _transfer_argv(server, out: Path, surrogate: Path, *extra: str) -> list[str]:
+    return ["attack", "transfer", "--url", server.address, "--model", "digits",
+            "--surrogate", str(surrogate), "--attack", "fgsm", "--eps", "8", "--num-images", "4",
+            "--out", str(out), "--quiet", *extra]  # fmt: skip
+
+
+def _error(capsys) -> str:
+    """The one line a refused run prints (and no traceback)."""
+    err = capsys.readouterr().err
+    assert err.startswith("defcnn attack: error: ") and "Traceback" not in err, err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("eps", ["0", "300", "-8", "nan"])
+@pytest.mark.parametrize("kind", ["query", "transfer"])
+def test_an_eps_outside_0_255_is_refused_before_any_query(
+    server, surrogate, tmp_path: Path, capsys, eps: str, kind: str
+) -> None:
+    out = tmp_path / "out"
+    if kind == "query":
+        argv = _query_argv(server, out, "--attack", "square", "--budget", "5", "--eps", eps)
+    else:
+        argv = _transfer_argv(server, out, surrogate)
+        argv[argv.index("--eps") + 1] = eps
+    before = _inference_count(server)
+    assert main(argv) == 2
+    err = _error(capsys)
+    assert ("--eps must be " in err and "(0, 255]" in err) or "finite" in err, err
+    assert _inference_count(server) == before  # nothing was sent
+    assert not out.exists()  # nor written
+
+
+def test_a_query_rerun_with_other_settings_is_refused_unless_overwrite(
+    server, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "q"
+    first = _query_argv(server, out, "--attack", "square", "--budget", "100")
+    assert main(first) == 0
+    capsys.readouterr()
+    (out / "notes.txt").write_text("mine")  # the user's own file in the folder
+    other = _query_argv(server, out, "--attack", "hopskipjump", "--budget", "10", "--eps", "2")
+    before = _inference_count(server)
+    assert main(other) == 2
+    err = _error(capsys)
+    for diff in ("attack: square -> hopskipjump", "budget: 100 -> 10", "eps: 16.0 -> 2.0"):
+        assert diff in err, err
+    assert "--overwrite" in err
+    assert _inference_count(server) == before  # refused before any query
+    assert json.loads((out / "run.json").read_text())["key"]["attack"] == "square"
+
+    assert main([*other, "--overwrite"]) == 0  # a fresh run replaces the old one's files
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["attack"] == "hopskipjump" and results["config"]["budget"] == 10
+    assert results["totals"]["runs"] == 1
+    assert (out / "notes.txt").read_text() == "mine"  # and nothing else
+    traces = results["models"]["digits"]["traces"].values()
+    assert all(t["queries"] <= 10 for t in traces)
+
+
+def test_transfer_reruns_are_keyed_by_the_surrogates_contents(
+    server, surrogate, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "t"
+    assert main(_transfer_argv(server, out, surrogate)) == 0
+    copy = tmp_path / "elsewhere" / "model.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(surrogate.read_bytes())
+    before = _inference_count(server)
+    assert main(_transfer_argv(server, out, copy)) == 0  # the same file elsewhere: a resume
+    assert _inference_count(server) - before == 1  # only the spec's probe
+    other = tmp_path / "other.safetensors"
+    cfg = TrainConfig(arch="resnet18", width=0.125, dataset="digits", epochs=1, max_steps=2,
+                      schedule="fast", seed=8, out=str(tmp_path / "run8"))  # fmt: skip
+    train(cfg, progress=False)
+    other.write_bytes((tmp_path / "run8" / "model.safetensors").read_bytes())
+    capsys.readouterr()
+    assert main(_transfer_argv(server, out, other)) == 2
+    assert "surrogates: sha256 " in _error(capsys)
+
+
+def test_a_transfer_run_never_writes_into_a_query_folder(
+    server, surrogate, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "q"
+    assert main(_query_argv(server, out, "--attack", "square", "--budget", "3")) == 0
+    capsys.readouterr()
+    for extra in ((), ("--overwrite",)):
+        assert main(_transfer_argv(server, out, surrogate, *extra)) == 2
+        assert "holds a query attack run" in _error(capsys)
+    assert not (out / "stages").exists()
+    assert main(_query_argv(server, out, "--attack", "square", "--budget", "3")) == 0  # intact
+
+
+def test_config_keys_and_types_are_checked_and_flags_win(server, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "c"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"budjet": 5}))
+    argv = _query_argv(server, out, "--attack", "square", "--config", str(config))
+    assert main(argv) == 2
+    err = _error(capsys)
+    assert "'budjet'" in err and "did you mean 'budget'" in err
+    config.write_text(json.dumps({"budget": "10"}))
+    assert main(argv) == 2
+    assert "'budget' must be an integer, got a string" in _error(capsys)
+    config.write_text(json.dumps({"budget": 0}))
+    assert main(argv) == 2
+    assert "--budget must be a whole number >= 1, got 0" in _error(capsys)
+    config.write_text(json.dumps({"budget": 50, "num_classes": 10, "eps": 8}))
+    assert main([*argv, "--budget", "4"]) == 0  # the flag wins; underscores read as dashes
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    assert (cfg["budget"], cfg["spec"]["num_classes"], cfg["eps_255"]) == (4, 10, 8.0)
+
+
+def test_a_score_attack_on_a_label_only_endpoint_names_the_attacks_that_fit(
+    repo, foreign, surrogate, tmp_path: Path, capsys
+) -> None:
+    labels_only = foreign.start(repo.onnx_path, name="digits", output="label")
+    argv = ["attack", "query", "--url", labels_only.grpc_url, "--model", "digits",
+            "--attack", "square", "--budget", "5", "--num-images", "2", "--num-classes", "10",
+            "--out", str(tmp_path / "l"), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = _error(capsys)
+    assert "square needs scores" in err
+    for name in ("hopskipjump", "boundary", "geoda", "signopt"):
+        assert name in err
+    argv[argv.index("square")] = "hopskipjump"
+    assert main(argv) == 0  # a decision-based attack runs on labels alone
+    results = json.loads((tmp_path / "l" / "results.json").read_text())
+    assert results["specs"]["digits"]["output_kind"] == "label"
+    assert results["decision_based"] is True
+    transfer = ["attack", "transfer", "--url", labels_only.grpc_url, "--model", "digits",
+                "--surrogate", str(surrogate), "--attack", "fgsm", "--num-images", "4",
+                "--out", str(tmp_path / "t"), "--quiet"]  # fmt: skip
+    assert main(transfer) == 0  # transfer attacks need labels only
+    rows = json.loads((tmp_path / "t" / "results.json").read_text())["rows"]
+    assert rows[0]["images"] == 4 and 0.0 <= rows[0]["accuracy_adversarial"] <= 1.0
+
+
+def test_steps_and_step_reach_the_attack(server, surrogate, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    argv = _transfer_argv(server, out, surrogate, "--steps", "3", "--step", "2")
+    argv[argv.index("fgsm")] = "pgd"
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["attack_params"]["pgd"]["steps"] == 3
+    assert results["attack_params"]["pgd"]["step"] == pytest.approx(2 / 255)
+    assert (results["config"]["steps"], results["config"]["step_255"]) == (3, 2.0)
+    assert "pgd steps 3" in (out / "report.md").read_text()
+    key = json.loads((out / "run.json").read_text())["key"]
+    assert key["params"]["pgd"]["steps"] == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--step", "9"), "--step must be in (0, eps]"),
+        (("--steps", "0"), "--steps must be a whole number >= 1"),
+        (("--layout", "nchw"), "expected one of NCHW, NHWC"),
+        (("--input-range", "1,0"), "--input-range LO,HI needs LO < HI"),
+        (("--dataset", "cifar100"), "did you mean 'cifar10'"),
+        (("--label-map", "/nonexistent.json"), "cannot read --label-map"),
+        (("--num-images", "0"), "--num-images must be a whole number >= 1"),
+    ],
+)
+def test_bad_transfer_settings_are_one_line_errors(
+    server, surrogate, tmp_path: Path, capsys, extra: tuple[str, ...], message: str
+) -> None:
+    argv = _transfer_argv(server, tmp_path / "x", surrogate, *extra)
+    argv[argv.index("fgsm")] = "pgd"
+    before = _inference_count(server)
+    assert main(argv) == 2
+    assert message in _error(capsys)
+    assert _inference_count(server) == before
+
+
+def test_a_missing_surrogate_is_named(server, tmp_path: Path, capsys) -> None:
+    assert main(_transfer_argv(server, tmp_path / "x", tmp_path / "none.safetensors")) == 2
+    assert "--surrogate" in _error(capsys)

@@ -153,7 +153,7 @@ def test_errors_unknown_not_ready_and_bad_shapes(server) -> None:
         with pytest.raises(ConfigError):
             client.classify("digits", images(1), k=0)
         assert client.counter("digits") == sent  # nothing was sent
-    for url in ("", "http://127.0.0.1:1", "127.0.0.1"):
+    for url in ("", "ftp://127.0.0.1:1", "127.0.0.1"):  # http:// is REST (test_rest.py)
         with pytest.raises(ConfigError):
             InferenceClient(url)
     with pytest.raises(ConfigError):

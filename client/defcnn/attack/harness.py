@@ -1,11 +1,18 @@
 """Attack runs against an endpoint: transfer attacks from local surrogates, and query
-attacks through the client. Each stage's output is saved as it completes, so an
-interrupted run resumes from what is on disk; seeds make runs repeatable."""
+attacks through the client.
+
+A run reads the endpoint's spec first (what it takes, whether it answers scores or only
+labels), fits the data set's images to it once, and checks that the attack fits the
+endpoint's threat model. Each stage's output is saved as it completes, so an interrupted
+run resumes from what is on disk; `run.json` (see `_runstate`) makes sure only the same run
+resumes. Seeds make runs repeatable.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +20,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from defcnn.atomic import atomic_write
-from defcnn.attack.blackbox import DECISION_BASED, Trace, attack_one, summarize
+from defcnn.attack import _runstate
+from defcnn.attack.blackbox import (
+    Threat,
+    Trace,
+    attack_images,
+    attack_info,
+    attacks_for,
+    summarize,
+)
 from defcnn.attack.metrics import boundary_figure, perturbation_norms, transfer_metrics
 from defcnn.attack.report import image_grid, query_report, transfer_report, write_results
 from defcnn.attack.results import (
@@ -23,68 +38,32 @@ from defcnn.attack.results import (
     TransferResult,
     TransferRow,
 )
+from defcnn.attack.settings import (
+    L2_ONLY,
+    DataChoice,
+    Endpoint,
+    QuerySettings,
+    SpecChoice,
+    TransferSettings,
+    resolve_label_map,
+)
+from defcnn.client.spec import EndpointSpec
+from defcnn.errors import ConfigError
 from defcnn.sampling import seeded_subset
-from defcnn.tokens import read_token_file
 from defcnn.versions import versions
 
+__all__ = [
+    "DataChoice",
+    "Endpoint",
+    "QuerySettings",
+    "SpecChoice",
+    "TransferSettings",
+    "budgets_for",
+    "run_query",
+    "run_transfer",
+]
+
 GRID_IMAGES = 6
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the models are served and how to reach them."""
-
-    url: str
-    models: tuple[str, ...]
-    token_file: str | None = None
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    timeout: float = 60.0
-
-    def client(self, budget: int | None = None) -> Any:
-        from defcnn.client import InferenceClient
-
-        token = read_token_file(self.token_file) if self.token_file else None
-        return InferenceClient(
-            self.url,
-            token=token,
-            tls=bool(self.tls_ca),
-            tls_ca=self.tls_ca,
-            tls_cert=self.tls_cert,
-            tls_key=self.tls_key,
-            timeout=self.timeout,
-            budget=budget,
-        )
-
-
-@dataclass(frozen=True)
-class DataChoice:
-    dataset: str = "digits"
-    data_dir: str | None = None
-    num_images: int = 100
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class TransferSettings:
-    endpoint: Endpoint
-    surrogates: tuple[str, ...]
-    attacks: tuple[str, ...] = ("pgd",)
-    eps_255: tuple[float, ...] = (16.0,)
-    data: DataChoice = field(default_factory=DataChoice)
-    out: str = "attack-report"
-    batch_size: int = 64
-
-
-@dataclass(frozen=True)
-class QuerySettings:
-    endpoint: Endpoint
-    attack: str = "square"
-    budget: int = 1000
-    eps_255: float = 16.0
-    data: DataChoice = field(default_factory=DataChoice)
-    out: str = "attack-report"
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -95,7 +74,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _cached(path: Path, compute: Any) -> np.ndarray:
+def _cached(path: Path, compute: Callable[..., np.ndarray]) -> np.ndarray:
     """Load a stage's output from disk, or compute and save it (the resume mechanism)."""
     if path.exists():
         try:
@@ -107,11 +86,11 @@ def _cached(path: Path, compute: Any) -> np.ndarray:
     return value
 
 
-def _sample(choice: DataChoice, image_size: int) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
-    """A seeded subset of the test split, uint8 NCHW."""
+def _sample(choice: DataChoice) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
+    """A seeded subset of the test split, uint8 NCHW at the data set's size."""
     from defcnn.data import load_dataset
 
-    data = load_dataset(choice.dataset, choice.data_dir, image_size=image_size, progress=False)
+    data = load_dataset(choice.dataset, choice.data_dir, progress=False)
     idx = seeded_subset(len(data.test_y), choice.num_images, choice.seed, what="--num-images")
     info = DatasetInfo(
         name=data.name,
@@ -121,6 +100,225 @@ def _sample(choice: DataChoice, image_size: int) -> tuple[np.ndarray, np.ndarray
         classes=tuple(data.classes),
     )
     return data.test_x[idx], data.test_y[idx], info
+
+
+def _data_key(choice: DataChoice, info: DatasetInfo) -> dict[str, Any]:
+    return {"dataset": info.name, "source": info.source, "images": info.images,
+            "seed": choice.seed, "indices": list(info.indices)}  # fmt: skip
+
+
+def _endpoint_key(endpoint: Endpoint) -> dict[str, Any]:
+    return {"url": endpoint.url, "models": list(endpoint.models)}
+
+
+def _specs(client: Any, endpoint: Endpoint, choice: SpecChoice) -> dict[str, EndpointSpec]:
+    """Every endpoint model's spec, each said once on the console."""
+    overrides = choice.overrides()
+    specs = {m: client.spec(m, overrides=overrides) for m in endpoint.models}
+    for spec in specs.values():
+        print(f"endpoint {spec.describe()}", flush=True)
+    sizes = {(s.height, s.width) for s in specs.values()}
+    if len(sizes) > 1:
+        shown = ", ".join(f"{m} {s.height}x{s.width}" for m, s in specs.items())
+        raise ConfigError(f"the endpoint models take different image sizes ({shown}); "
+                          "attack them in separate runs")  # fmt: skip
+    return specs
+
+
+def _fit(x: np.ndarray, spec: EndpointSpec, source: str) -> np.ndarray:
+    """The data set's images at the endpoint's height and width (resized once, said once)."""
+    size = (spec.height, spec.width)
+    if x.shape[2:] == size:
+        return x
+    from defcnn.data._resize import resize_uint8
+
+    print(f"resizing {source} images from {x.shape[2]}x{x.shape[3]} to the endpoint's "
+          f"{spec.height}x{spec.width}", flush=True)  # fmt: skip
+    return resize_uint8(x, size)
+
+
+def _num_classes(spec: EndpointSpec) -> int:
+    if spec.num_classes is None:
+        raise ConfigError(f"model {spec.model!r} does not say how many classes it has: "
+                          "pass --num-classes N")  # fmt: skip
+    return spec.num_classes
+
+
+def _label_map(choice: DataChoice, info: DatasetInfo, specs: dict[str, EndpointSpec]) -> Any:
+    """(endpoint label of each data set class, or None for the identity) for every model."""
+    counts = {s.num_classes for s in specs.values()}
+    smallest = min((c for c in counts if c is not None), default=None)
+    mapping = resolve_label_map(choice.label_map, info.classes, smallest)
+    if mapping is None and smallest is not None and len(info.classes) > smallest:
+        raise ConfigError(f"the data set has {len(info.classes)} classes but the endpoint "
+                          f"{smallest}: pass --label-map FILE")  # fmt: skip
+    return mapping
+
+
+def _names(spec: EndpointSpec, info: DatasetInfo, mapped: bool) -> Callable[[int], str]:
+    """The name of an endpoint label, for captions."""
+
+    def name(i: int) -> str:
+        if i < len(spec.labels):
+            return spec.labels[i]
+        if not mapped and i < len(info.classes):
+            return info.classes[i]
+        return f"class {i}"
+
+    return name
+
+
+def _captions(pred: np.ndarray, y: np.ndarray, name: Callable[[int], str]) -> list[str]:
+    return [f"{name(int(p))}{'' if p == t else ' (wrong)'}" for p, t in zip(pred, y, strict=True)]
+
+
+class _Run:
+    """The run's folder and state: refuses a different run, totals across resumes."""
+
+    def __init__(self, out: Path, kind: str, overwrite: bool) -> None:
+        self.out, self.kind, self.start = out, kind, time.monotonic()
+        self.saved = _runstate.open_folder(out, kind, overwrite=overwrite)
+        self.before = self.saved.totals if self.saved else _runstate.Totals()
+        self.key: dict[str, Any] = {}
+        self.started = False
+
+    def check(self, **key: Any) -> None:
+        self.key |= key
+        _runstate.check_same(self.out, self.saved, self.key)
+
+    def begin(self) -> None:
+        """Save the key before the first stage file, so an interrupted run resumes."""
+        _runstate.save(self.out, self.kind, self.key, self.before)
+        self.started = True
+
+    def totals(self, client: Any, models: tuple[str, ...]) -> _runstate.Totals:
+        this_run = {m: client.counter(m) for m in models}
+        return self.before.add(time.monotonic() - self.start, this_run)
+
+    def finish(self, totals: _runstate.Totals) -> None:
+        _runstate.save(self.out, self.kind, self.key, totals)
+
+
+def run_transfer(settings: TransferSettings, *, progress: bool = True) -> TransferResult:
+    """Craft on the surrogates, send to every endpoint model, score, and write the report."""
+    settings.check_files()
+    out = Path(settings.out)
+    run = _Run(out, "transfer", settings.overwrite)
+    x, y, info = _sample(settings.data)
+    run.check(
+        attack=list(settings.attacks), eps=list(settings.eps_255),
+        params={a: {k: v for k, v in settings.attack_params(a, None).items() if k != "eps"}
+                for a in settings.attacks},
+        batch_size=settings.batch_size,
+        surrogates=[_runstate.sha256(p) for p in settings.surrogates],
+        data=_data_key(settings.data, info), endpoint=_endpoint_key(settings.endpoint),
+    )  # fmt: skip
+    models_ = settings.endpoint.models
+    client = settings.endpoint.client()
+    try:
+        specs = _specs(client, settings.endpoint, settings.spec)
+        mapping = _label_map(settings.data, info, specs)
+        run.check(spec={m: s.result_key() for m, s in specs.items()},
+                  label_map=None if mapping is None else list(mapping))  # fmt: skip
+        x = _fit(x, next(iter(specs.values())), info.source)
+        run.begin()
+        result = _transfer(settings, run, client, specs, x, y, info, mapping, progress)
+    except BaseException:
+        if run.started:
+            run.finish(run.totals(client, models_))
+        raise
+    finally:
+        client.close()
+    return result
+
+
+def _transfer(
+    settings: TransferSettings, run: _Run, client: Any, specs: dict[str, EndpointSpec],
+    x: np.ndarray, y: np.ndarray, info: DatasetInfo, mapping: tuple[int, ...] | None,
+    progress: bool,
+) -> TransferResult:  # fmt: skip
+    import torch
+
+    from defcnn.attack import Ensemble, craft, make_attack
+    from defcnn.checkpoint import load_model
+
+    out = run.out
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = [load_model(p, device) for p in settings.surrogates]
+    models = [m for m, _ in loaded]
+    surrogate = models[0] if len(models) == 1 else Ensemble(models)
+    trained = loaded[0][1].spec.resolved_input_size
+    if (trained, trained) != x.shape[2:]:
+        print(f"the surrogate was trained at {trained}x{trained}; crafting at the endpoint's "
+              f"{x.shape[2]}x{x.shape[3]}", flush=True)  # fmt: skip
+    y_end = y if mapping is None else np.asarray(mapping, dtype=np.int64)[y]
+    clean = x.astype(np.float32) / 255.0
+    clean_pred = {
+        m: _cached(out / "stages" / f"{m}-clean.npy", lambda s=s: client.labels(s, clean))
+        for m, s in specs.items()
+    }
+    rows: list[TransferRow] = []
+    params: dict[str, dict[str, Any]] = {}
+    grid_adv: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    sweep = [(a, e) for a in settings.attacks
+             for e in ((None,) if a in L2_ONLY else settings.eps_255)]  # fmt: skip
+    bar = tqdm(total=len(sweep), desc="attacks", disable=not progress)
+    tag = ""
+    for attack_name, eps in sweep:
+        tag = attack_name if eps is None else f"{attack_name}-eps{eps:g}"
+        attack = make_attack(attack_name, **settings.attack_params(attack_name, eps))
+        params[attack_name] = {k: getattr(attack, k) for k in ("steps", "step", "decay")
+                               if hasattr(attack, k)}  # fmt: skip
+        adv = _cached(
+            out / "stages" / f"adv-{tag}.npy",
+            lambda a=attack: craft(
+                a, surrogate, x, y, batch_size=settings.batch_size, device=device,
+                progress=progress,
+            ),
+        )  # fmt: skip
+        src = _local_predict(surrogate, adv, device)
+        src_end = np.where(src == y, y_end, -1)  # fooled in the data set's labels
+        norms = perturbation_norms(x, adv)
+        for m in specs:
+            pred = _cached(
+                out / "stages" / f"{m}-{tag}.npy",
+                lambda s=specs[m], adv=adv: client.labels(s, adv.astype(np.float32) / 255),
+            )
+            metrics = transfer_metrics(y_end, src_end, clean_pred[m], pred)
+            rows.append(TransferRow.of(m, attack_name, eps, metrics, norms))
+            grid_adv[(m, tag)] = (adv[:GRID_IMAGES], pred[:GRID_IMAGES])
+        bar.update(1)
+    bar.close()
+    totals = run.totals(client, tuple(specs))
+    results = TransferResult(
+        settings=settings,
+        dataset=info,
+        rows=tuple(rows),
+        queries={m: client.counter(m) for m in specs},
+        versions=versions("torch", "numpy", "grpcio", "art"),
+        specs=specs,
+        attack_params=params,
+        totals=totals,
+    )
+    write_results(out, results)
+    transfer_report(out, results)
+    image_grid(
+        out / "examples.png",
+        x[:GRID_IMAGES],
+        {f"{m} {tag}": grid_adv[(m, tag)][0] for m in specs},
+        {
+            f"{m} {tag}": _captions(
+                grid_adv[(m, tag)][1],
+                y_end[:GRID_IMAGES],
+                _names(specs[m], info, mapping is not None),
+            )
+            for m in specs
+        },
+        [f"true {info.classes[t]}" for t in y[:GRID_IMAGES]],
+    )
+    run.finish(totals)
+    return results
 
 
 def _local_predict(model: Any, images: np.ndarray, device: str) -> np.ndarray:
@@ -133,128 +331,109 @@ def _local_predict(model: Any, images: np.ndarray, device: str) -> np.ndarray:
     return torch.cat(preds).cpu().numpy()
 
 
-def _label_text(pred: np.ndarray, y: np.ndarray, classes: tuple[str, ...]) -> list[str]:
-    return [f"{classes[p]}{'' if p == t else ' (wrong)'}" for p, t in zip(pred, y, strict=True)]
-
-
-def run_transfer(settings: TransferSettings, *, progress: bool = True) -> TransferResult:
-    """Craft on the surrogates, send to every endpoint model, score, and write the report."""
-    import torch
-
-    from defcnn.attack import Ensemble, craft, make_attack
-    from defcnn.checkpoint import load_model
-
-    out = Path(settings.out)
-    (out / "stages").mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = [load_model(p, device)[0] for p in settings.surrogates]
-    surrogate = models[0] if len(models) == 1 else Ensemble(models)
-    size = load_model(settings.surrogates[0])[1].spec.resolved_input_size
-    x, y, info = _sample(settings.data, size)
-    client = settings.endpoint.client()
-    clean = x.astype(np.float32) / 255.0
-    clean_pred = {
-        m: _cached(out / "stages" / f"{m}-clean.npy", lambda m=m: client.predict(m, clean))
-        for m in settings.endpoint.models
-    }
-    rows: list[TransferRow] = []
-    grid_adv = {}
-    total = len(settings.attacks) * len(settings.eps_255)
-    bar = tqdm(total=total, desc="attacks", disable=not progress)
-    for attack_name in settings.attacks:
-        for eps in settings.eps_255:
-            tag = f"{attack_name}-eps{eps:g}"
-            attack = make_attack(attack_name, eps / 255.0)
-            adv = _cached(
-                out / "stages" / f"adv-{tag}.npy",
-                lambda a=attack: craft(
-                    a,
-                    surrogate,
-                    x,
-                    y,
-                    batch_size=settings.batch_size,
-                    device=device,
-                    progress=progress,
-                ),
-            )
-            src = _local_predict(surrogate, adv, device)
-            norms = perturbation_norms(x, adv)
-            for m in settings.endpoint.models:
-                pred = _cached(
-                    out / "stages" / f"{m}-{tag}.npy",
-                    lambda m=m, adv=adv: client.predict(m, adv.astype(np.float32) / 255),
-                )
-                metrics = transfer_metrics(y, src, clean_pred[m], pred)
-                rows.append(TransferRow.of(m, attack_name, eps, metrics, norms))
-                grid_adv[(m, tag)] = (adv[:GRID_IMAGES], pred[:GRID_IMAGES])
-            bar.update(1)
-    bar.close()
-    results = TransferResult(
-        settings=settings,
-        dataset=info,
-        rows=tuple(rows),
-        queries={m: client.counter(m) for m in settings.endpoint.models},
-        versions=versions("torch", "numpy", "grpcio", "art"),
-    )
-    write_results(out, results)
-    transfer_report(out, results)
-    last_tag = f"{settings.attacks[-1]}-eps{settings.eps_255[-1]:g}"
-    classes = info.classes
-    image_grid(
-        out / "examples.png",
-        x[:GRID_IMAGES],
-        {f"{m} {last_tag}": grid_adv[(m, last_tag)][0] for m in settings.endpoint.models},
-        {
-            f"{m} {last_tag}": _label_text(grid_adv[(m, last_tag)][1], y[:GRID_IMAGES], classes)
-            for m in settings.endpoint.models
-        },
-        [f"true {classes[t]}" for t in y[:GRID_IMAGES]],
-    )
-    client.close()
-    return results
-
-
 def budgets_for(budget: int) -> list[int]:
     """Report points: 10, 100, 1,000, ... up to and including the run's budget."""
     points = [b for b in (10, 100, 1000, 10000, 100000) if b < budget]
     return [*points, budget]
 
 
+def check_threat(attack: str, specs: dict[str, EndpointSpec]) -> Threat:
+    """The attack's threat ("score" or "decision"), if every endpoint model can answer it."""
+    threat = attack_info(attack).threat
+    labels_only = [m for m, s in specs.items() if not s.score_based]
+    if threat == "score" and labels_only:
+        fit = ", ".join(attacks_for("decision"))
+        raise ConfigError(f"{attack} needs scores, but {', '.join(labels_only)} answers only "
+                          f"labels: use a decision-based attack ({fit})")  # fmt: skip
+    return threat
+
+
+def _predict(client: Any, spec: EndpointSpec, threat: Threat, num_classes: int) -> Any:
+    """What the attack queries: scores, or for a decision-based attack one-hot labels (all
+    it may see, whatever the endpoint gives)."""
+    if threat == "score":
+        return lambda b: client.scores(spec, b)
+    eye = np.eye(num_classes, dtype=np.float32)
+    return lambda b: eye[client.labels(spec, b)]
+
+
 def run_query(settings: QuerySettings, *, progress: bool = True) -> QueryResult:
-    """Attack each correctly classified image through the client, trace by trace (resumable)."""
+    """Attack each correctly classified image through the client (resumable per image)."""
+    settings.check_files()
     out = Path(settings.out)
-    (out / "traces").mkdir(parents=True, exist_ok=True)
+    run = _Run(out, "query", settings.overwrite)
+    x, y, info = _sample(settings.data)
+    run.check(attack=settings.attack, budget=settings.budget, eps=settings.eps_255,
+              data=_data_key(settings.data, info),
+              endpoint=_endpoint_key(settings.endpoint))  # fmt: skip
+    models_ = settings.endpoint.models
     client = settings.endpoint.client()
-    first = settings.endpoint.models[0]
-    info0 = client.info(first)
-    x, y, info = _sample(settings.data, info0.input_shape[1])
+    try:
+        specs = _specs(client, settings.endpoint, settings.spec)
+        threat = check_threat(settings.attack, specs)
+        mapping = _label_map(settings.data, info, specs)
+        run.check(spec={m: s.result_key() for m, s in specs.items()},
+                  label_map=None if mapping is None else list(mapping))  # fmt: skip
+        x = _fit(x, next(iter(specs.values())), info.source)
+        run.begin()
+        result = _query(settings, run, client, specs, threat, x, y, info, mapping, progress)
+    except BaseException:
+        if run.started:
+            run.finish(run.totals(client, models_))
+        raise
+    finally:
+        client.close()
+    return result
+
+
+def _query(
+    settings: QuerySettings, run: _Run, client: Any, specs: dict[str, EndpointSpec],
+    threat: Threat, x: np.ndarray, y: np.ndarray, info: DatasetInfo,
+    mapping: tuple[int, ...] | None, progress: bool,
+) -> QueryResult:  # fmt: skip
+    out = run.out
+    (out / "traces").mkdir(parents=True, exist_ok=True)
+    y_end = y if mapping is None else np.asarray(mapping, dtype=np.int64)[y]
     clean = x.astype(np.float32) / 255.0
-    decision = settings.attack in DECISION_BASED
+    decision = threat == "decision"
     models: dict[str, ModelQueryResult] = {}
     grid: dict[str, np.ndarray] = {}
     captions: dict[str, list[str]] = {}
     grid_index: dict[str, list[int]] = {}
-    for m in settings.endpoint.models:
-        num_classes = client.info(m).num_classes
+    for m, spec in specs.items():
+        num_classes = _num_classes(spec)
+        predict = _predict(client, spec, threat, num_classes)
         clean_pred = _cached(
-            out / "traces" / f"{m}-clean.npy", lambda m=m: client.predict(m, clean)
+            out / "traces" / f"{m}-clean.npy", lambda s=spec: client.labels(s, clean)
         )
         trace_file = out / "traces" / f"{m}.jsonl"
         done = _read_traces(trace_file)
-        todo = [i for i in range(len(y)) if clean_pred[i] == y[i] and i not in done]
-        for i in tqdm(todo, desc=f"{settings.attack} on {m}", disable=not progress):
-            trace = attack_one(
-                settings.attack,
-                lambda b, m=m: client.probabilities(m, b),
-                clean[i],
-                int(y[i]),
-                num_classes,
-                budget=settings.budget,
-                eps=settings.eps_255 / 255.0,
-                seed=settings.data.seed + i,
-            )
-            _append_trace(trace_file, i, trace)
-            done[i] = trace
+        right = [i for i in range(len(y)) if clean_pred[i] == y_end[i]]
+        todo = [i for i in right if i not in done]
+        bar = tqdm(total=len(right), initial=len(right) - len(todo),
+                   desc=f"{settings.attack} on {m}", disable=not progress)  # fmt: skip
+
+        def finished(
+            position: int,
+            trace: Trace,
+            todo: list[int] = todo,
+            file: Path = trace_file,
+            done: dict[int, Trace] = done,
+            bar: Any = bar,
+        ) -> None:
+            """Each image's trace is saved as it finishes: a resume attacks only the rest."""
+            _append_trace(file, todo[position], trace)
+            done[todo[position]] = trace
+            bar.update(1)
+
+        attack_images(
+            settings.attack, predict, clean[todo], y_end[todo], num_classes,
+            budget=settings.budget, eps=settings.eps_255 / 255.0,
+            seed=[settings.data.seed + i for i in todo], threat=threat,
+            quantize=spec.datatype == "UINT8", progress=finished,
+            max_batch=spec.request_batch,
+        )  # fmt: skip
+        bar.close()
         order = sorted(done)
         attacked = [done[i] for i in order]
         by_budget = summarize(attacked, budgets_for(settings.budget), decision_based=decision)
@@ -262,27 +441,31 @@ def run_query(settings: QuerySettings, *, progress: bool = True) -> QueryResult:
         if settings.attack == "boundary":
             figure = boundary_figure(clean[order], [done[i].best_adv for i in order])
         models[m] = ModelQueryResult(
-            clean_accuracy=float((clean_pred == y).mean()),
+            clean_accuracy=float((clean_pred == y_end).mean()),
             attacked=len(attacked),
-            skipped=int((clean_pred != y).sum()),
+            skipped=int((clean_pred != y_end).sum()),
             by_budget=tuple(by_budget),
             traces=dict(sorted(done.items())),
             boundary_figure=figure,
         )
-        shown = sorted(done)[:GRID_IMAGES]
+        shown = order[:GRID_IMAGES]
         if shown:  # captions from what the endpoint answered during the attack: no new queries
             grid[m] = np.stack([_best_or_clean(done[i], clean[i]) for i in shown])
             labels = [done[i].best_label if done[i].best_label is not None else int(clean_pred[i])
                       for i in shown]  # fmt: skip
-            captions[m] = _label_text(np.asarray(labels), y[shown], info.classes)
+            captions[m] = _captions(np.asarray(labels), y_end[shown],
+                                    _names(spec, info, mapping is not None))  # fmt: skip
             grid_index[m] = shown
+    totals = run.totals(client, tuple(specs))
     results = QueryResult(
         settings=settings,
         decision_based=decision,
         dataset=info,
         models=models,
-        queries={m: client.counter(m) for m in settings.endpoint.models},
+        queries={m: client.counter(m) for m in specs},
         versions=versions("torch", "numpy", "grpcio", "art"),
+        specs=specs,
+        totals=totals,
     )
     write_results(out, results)
     query_report(out, results)
@@ -294,7 +477,7 @@ def run_query(settings: QuerySettings, *, progress: bool = True) -> QueryResult:
             out / "examples.png", x[idx], same, {m: captions[m] for m in same},
             [f"true {info.classes[t]}" for t in y[idx]],
         )  # fmt: skip
-    client.close()
+    run.finish(totals)
     return results
 
 

@@ -11,7 +11,15 @@ import numpy as np
 
 from defcnn import display
 from defcnn.atomic import write_json, write_text
-from defcnn.attack.results import QueryResult, TransferResult, TransferRow, queries_text
+from defcnn.attack.results import (
+    ModelQueryResult,
+    QueryResult,
+    TransferResult,
+    TransferRow,
+    queries_text,
+    rate_text,
+    totals_text,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -33,16 +41,45 @@ def _numbers(*names: str, show: Callable[[Any], str] = display.number) -> dict[s
     return {n: (lambda r, n=n: show(getattr(r, n))) for n in names}
 
 
+def _rates(*names: str) -> dict[str, Any]:
+    """Columns of a rate and its interval (the row attribute `NAME_ci`)."""
+    return {n: (lambda r, n=n: rate_text(getattr(r, n), getattr(r, f"{n}_ci"))) for n in names}
+
+
+def _spec_lines(results: TransferResult | QueryResult) -> list[str]:
+    return ["", "Endpoint models:", ""] + [f"- {s.describe()}" for s in results.specs.values()]
+
+
+def _param_lines(results: TransferResult) -> list[str]:
+    def value(k: str, v: Any) -> str:
+        return f"{v * 255:g}/255" if k == "step" else display.number(v)
+
+    shown = [f"{a} " + ", ".join(f"{k} {value(k, v)}" for k, v in p.items())
+             for a, p in results.attack_params.items() if p]  # fmt: skip
+    return ["", "Attack settings: " + "; ".join(shown) + "."] if shown else []
+
+
+def _query_lines(results: TransferResult | QueryResult) -> list[str]:
+    if results.totals.runs <= 1:
+        return [f"Queries sent: {queries_text(results.queries)}."]
+    lines = [f"Queries sent by this run: {queries_text(results.queries)}."]
+    if results.totals.runs > 1:
+        lines.append(f"All runs into this folder together: {totals_text(results.totals)}.")
+    return lines
+
+
 def transfer_report(out: Path, results: TransferResult) -> None:
     rows = results.rows
     columns = {
         "target": lambda r: r.target,
         "attack": lambda r: r.attack,
-        "eps_255": lambda r: f"{r.eps_255:g}",
-        **_numbers("images", "accuracy_clean", "accuracy_adversarial", "transfer_accuracy",
-                   "transfer_subset", "success_rate", "source_fooled", "mean_linf",
-                   "mean_l2"),
-    }  # fmt: skip
+        "eps_255": lambda r: "L2" if r.eps_255 is None else f"{r.eps_255:g}",
+        **_numbers("images", "accuracy_clean"),
+        **_rates("accuracy_adversarial", "transfer_accuracy"),
+        **_numbers("transfer_subset"),
+        **_rates("success_rate"),
+        **_numbers("source_fooled", "mean_linf", "mean_l2"),
+    }
     s = results.settings
     text = [
         "# Transfer attack report",
@@ -51,14 +88,16 @@ def transfer_report(out: Path, results: TransferResult) -> None:
         f"Data: {results.dataset.source} ({results.dataset.images} test images, "
         f"seed {s.data.seed}). Adversarial images were rounded to uint8 before "
         "they were sent; every number is judged on what was sent.",
+        *_spec_lines(results),
+        *_param_lines(results),
         "",
         "`transfer_accuracy` is the paper's metric: the target's accuracy on adversarial "
         "examples that fool the surrogate and whose clean image the target classifies "
-        "correctly (higher = more robust).",
+        "correctly (higher = more robust). Rates show their 95% Wilson interval.",
         "",
         _table(rows, columns),
         "",
-        f"Queries sent: {queries_text(results.queries)}.",
+        *_query_lines(results),
         "",
         "![robust accuracy vs eps](robust_accuracy.png)",
         "",
@@ -75,7 +114,7 @@ def _plot_transfer(path: Path, rows: Sequence[TransferRow]) -> None:
         pts = sorted(
             (r.eps_255, r.accuracy_adversarial)
             for r in rows
-            if r.target == target and r.attack == attack
+            if r.target == target and r.attack == attack and r.eps_255 is not None
         )
         ax.plot(
             [p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{target} ({attack})"
@@ -99,11 +138,14 @@ def query_report(out: Path, results: QueryResult) -> None:
         f"(ART {results.versions.get('art', 'version unknown')}), budget {s.budget} "
         f"queries per image, eps {s.eps_255:g}/255 (Square, SimBA).",
         f"Data: {results.dataset.source}, seed {s.data.seed}. Images the "
-        "endpoint misclassifies when clean are not attacked (counted as `skipped`).",
+        "endpoint misclassifies when clean are not attacked (counted as `skipped`). "
+        "Rates show their 95% Wilson interval.",
+        *_spec_lines(results),
         "",
     ]
     columns = {
-        **_numbers("budget", "images", "success_rate"),
+        **_numbers("budget", "images"),
+        "success_rate": lambda r: rate_text(r.success_rate, ModelQueryResult.success_ci(r)),
         **_numbers("mean_queries", "median_queries", show=display.queries),
     }
     if results.decision_based:
@@ -112,7 +154,9 @@ def query_report(out: Path, results: QueryResult) -> None:
         text += [
             f"## {model}",
             "",
-            f"clean accuracy {display.number(entry.clean_accuracy)}, "
+            f"clean accuracy {rate_text(entry.clean_accuracy, entry.clean_accuracy_ci)}, "
+            f"accuracy under attack "
+            f"{rate_text(entry.accuracy_under_attack, entry.accuracy_under_attack_ci)}, "
             f"attacked {entry.attacked}, skipped {entry.skipped}",
             "",
         ]
@@ -124,7 +168,7 @@ def query_report(out: Path, results: QueryResult) -> None:
                 f"{display.number(bf.median)} over {bf.images} images",
                 "",
             ]
-    text += [f"Queries sent: {queries_text(results.queries)}.", ""]
+    text += [*_query_lines(results), ""]
     text += ["![success vs queries](success_vs_queries.png)", "", "![examples](examples.png)", ""]
     write_text(out / "report.md", "\n".join(text))
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)

@@ -16,6 +16,9 @@ import numpy as np
 
 from defcnn.client import _codec
 from defcnn.client.client import ModelInfo, _Attempts, _ClientBase, _decoded
+from defcnn.client.errors import ClientError
+from defcnn.client.spec import EndpointSpec, SpecOverrides
+from defcnn.errors import ConfigError
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -26,6 +29,11 @@ class AsyncInferenceClient(_ClientBase):
     """Non-blocking client; its channel opens on first use, inside the running event loop."""
 
     def _open(self) -> None:
+        if self._settings.rest_url is not None:
+            raise ConfigError(
+                f"AsyncInferenceClient speaks gRPC only; for the REST endpoint "
+                f"{self._settings.rest_url} use InferenceClient (or a grpc:// URL)"
+            )
         self._channel: grpc.aio.Channel | None = None
         self._stub_: pb_grpc.GRPCInferenceServiceStub | None = None
         self._semaphore = asyncio.Semaphore(self._settings.concurrency)
@@ -53,29 +61,46 @@ class AsyncInferenceClient(_ClientBase):
                 await asyncio.sleep(delay)
         return None
 
-    async def info(self, model: str, version: str = "") -> ModelInfo:
-        """Shapes, batch limit and labels of a model (cached; labels cost one 1-image query)."""
+    async def spec(
+        self, model: str, version: str = "", overrides: SpecOverrides | None = None
+    ) -> EndpointSpec:
+        """`InferenceClient.spec`: cached, at most one counted 1-image probe query."""
+        overrides = overrides or SpecOverrides()
+        key = (model, version, overrides)
         async with self._info_lock:
-            key = (model, version)
-            if key not in self._infos:
-                meta = await self._call(
-                    self._stub.ModelMetadata,
-                    pb.ModelMetadataRequest(name=model, version=version), self._attempts(),
-                )  # fmt: skip
+            if key in self._specs:
+                return self._keep(key, self._specs[key])
+            meta = await self._call(
+                self._stub.ModelMetadata,
+                pb.ModelMetadataRequest(name=model, version=version), self._attempts(),
+            )  # fmt: skip
+            try:
                 config = await self._call(
                     self._stub.ModelConfig,
                     pb.ModelConfigRequest(name=model, version=version), self._attempts(),
                 )  # fmt: skip
-                assert meta is not None and config is not None
-                info = self._model_info(meta, config, version)
-                probe = self._label_request(info, config, version)
-                if probe is not None:
-                    attempts = self._attempts(model, 1)
-                    response = await self._call(self._stub.ModelInfer, probe, attempts)
-                    assert response is not None
-                    info = self._with_labels(info, response)
-                self._infos[key] = info
-            return self._infos[key]
+            except ClientError as exc:
+                if not self._no_config(exc):
+                    raise
+                config = None
+            assert meta is not None
+            draft, probe = self._probe(meta, config, version, overrides)
+            response = None
+            if probe is not None:
+                attempts = self._attempts(model, 1)
+                response = await self._call(self._stub.ModelInfer, probe, attempts)
+                assert response is not None
+            spec = self._probed(meta, config, version, overrides, draft, probe, response)
+            return self._keep(key, spec)
+
+    async def _spec(self, model: str | EndpointSpec, version: str) -> EndpointSpec:
+        if isinstance(model, EndpointSpec):
+            return model
+        return self._known(model, version) or await self.spec(model, version)
+
+    async def info(self, model: str, version: str = "") -> ModelInfo:
+        """Shapes, batch limit and labels of a model: a view of its `spec()`."""
+        return ModelInfo.from_spec(await self._spec(model, version))
 
     async def _bounded(self, request: pb.ModelInferRequest, attempts: _Attempts) -> Any:
         try:
@@ -85,10 +110,10 @@ class AsyncInferenceClient(_ClientBase):
             attempts.__exit__()  # a task cancelled while waiting still frees its reservation
 
     async def _infer(
-        self, model: str, images: np.ndarray, version: str, k: int = 0
+        self, spec: EndpointSpec, images: np.ndarray, k: int = 0
     ) -> list[pb.ModelInferResponse]:
-        info = await self.info(model, version)
-        requests = self._requests(info, images, version, k)
+        model = spec.model
+        requests = self._requests(spec, images, k)
         abort = threading.Event()
         outcomes = await asyncio.gather(
             *(
@@ -100,25 +125,43 @@ class AsyncInferenceClient(_ClientBase):
         self._first_error(outcomes)
         return [o for o in outcomes if not isinstance(o, BaseException)]  # all, after the check
 
+    async def scores(
+        self, model: str | EndpointSpec, images: np.ndarray, version: str = ""
+    ) -> np.ndarray:
+        """float32 [N, C] scores as the endpoint gives them (`InferenceClient.scores`)."""
+        spec = await self._spec(model, version)
+        self._need_scores(spec)
+        return self._scores(spec, await self._infer(spec, images))
+
+    async def labels(
+        self, model: str | EndpointSpec, images: np.ndarray, version: str = ""
+    ) -> np.ndarray:
+        """int64 [N] classes: the argmax of the scores, or the endpoint's label output."""
+        spec = await self._spec(model, version)
+        return self._labels(spec, await self._infer(spec, images))
+
     async def logits(self, model: str, images: np.ndarray, version: str = "") -> np.ndarray:
-        """float32 [N, num_classes] logits, in the order of `images`."""
-        responses = await self._infer(model, images, version)
-        return np.concatenate([_decoded(_codec.decode_logits, r) for r in responses])
+        """float32 [N, num_classes] logits, in the order of `images` (a logits endpoint)."""
+        spec = await self._spec(model, version)
+        self._need_scores(spec, "logits")
+        return self._scores(spec, await self._infer(spec, images))
 
     async def probabilities(self, model: str, images: np.ndarray, version: str = "") -> np.ndarray:
-        """Softmax of the logits: float32 [N, num_classes], rows summing to 1."""
-        return _codec.softmax(await self.logits(model, images, version))
+        """float32 [N, num_classes], rows summing to 1 (softmax of logits, or the endpoint's)."""
+        spec = await self._spec(model, version)
+        self._need_scores(spec)
+        return self._probabilities(spec, self._scores(spec, await self._infer(spec, images)))
 
     async def predict(self, model: str, images: np.ndarray, version: str = "") -> np.ndarray:
-        """int64 [N] predicted class indices."""
-        return (await self.logits(model, images, version)).argmax(axis=1).astype(np.int64)
+        """int64 [N] predicted class indices (`labels`)."""
+        return await self.labels(model, images, version)
 
     async def classify(
         self, model: str, images: np.ndarray, k: int = 1, version: str = ""
     ) -> list[list[tuple[str, int, float]]]:
         """Top-k (label, index, logit) per image from the server's classification extension."""
         self._check_k(k)
-        responses = await self._infer(model, images, version, k)
+        responses = await self._infer(await self._spec(model, version), images, k)
         return [row for r in responses for row in _decoded(_codec.decode_classification, r)]
 
     async def statistics(self, model: str, version: str = "") -> pb.ModelStatisticsResponse:

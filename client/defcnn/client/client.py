@@ -7,17 +7,20 @@ wait: threads and `time.sleep` there, tasks and `asyncio.sleep` in `aio.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import grpc
 import numpy as np
 
 from defcnn.client import _codec
 from defcnn.client.errors import ClientError, QueryBudgetExceeded
+from defcnn.client.spec import EndpointSpec, SpecOverrides, build_spec, needs_probe
 from defcnn.errors import ConfigError
 from defcnn.protos import grpc_service_pb2 as pb
 
@@ -36,6 +39,16 @@ class ModelInfo:
     labels: list[str]
     input_name: str = "input"
     output_name: str = "logits"
+
+    @classmethod
+    def from_spec(cls, spec: EndpointSpec) -> ModelInfo:
+        """The legacy view of an `EndpointSpec` (the one source of truth); num_classes is 0
+        for a label-only endpoint that does not say how many classes it has."""
+        return cls(
+            name=spec.model, version=spec.version, input_shape=spec.input_shape,
+            num_classes=spec.num_classes or 0, max_batch_size=spec.request_batch,
+            labels=list(spec.labels), input_name=spec.input_name, output_name=spec.output_name,
+        )  # fmt: skip
 
 
 @dataclass
@@ -57,6 +70,11 @@ class _Settings:
     retries: int
     backoff: float
     concurrency: int
+    # The REST binding's base URL (http[s]://HOST[:PORT][/PREFIX]); None speaks gRPC.
+    rest_url: str | None = None
+    # (CA, client certificate, key) paths for the REST binding's TLS (httpx wants files).
+    tls_files: tuple[str | None, str | None, str | None] = (None, None, None)
+    max_message: int = 64 * 1024 * 1024
 
 
 def _read(path: str | None, what: str) -> bytes | None:
@@ -68,15 +86,36 @@ def _read(path: str | None, what: str) -> bytes | None:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
 
 
+_URL_FORMS = "HOST:PORT, grpc://HOST:PORT, grpcs://HOST:PORT or http[s]://HOST[:PORT][/PREFIX]"
+
+
+def _rest_url(url: str, tls: bool) -> str:
+    """The REST base URL without a trailing slash; TLS options turn http:// into https://,
+    as they turn a bare HOST:PORT into TLS for gRPC."""
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number, or out of range
+        port_ok = False
+    if not (parts.hostname and port_ok) or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(f"url must be {_URL_FORMS}: {url!r}")
+    scheme = "https" if tls else parts.scheme
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
 def _settings(url: str, **kw: Any) -> _Settings:
     """Validate the constructor's arguments once, for both clients."""
     target, tls = url, bool(kw["tls"])
+    rest_url = None
+    if url.startswith(("http://", "https://")):
+        rest_url = _rest_url(url, tls or bool(kw["tls_ca"] or kw["tls_cert"]))
+        target, tls = urlsplit(rest_url).netloc, rest_url.startswith("https://")
     for scheme, secure in (("grpc://", False), ("grpcs://", True)):
         if url.startswith(scheme):
             target, tls = url[len(scheme) :], tls or secure
     host, _, port = target.rpartition(":")
-    if "://" in target or not host or not port.isdigit():
-        raise ConfigError(f"url must be HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT: {url!r}")
+    if rest_url is None and ("://" in target or not host or not port.isdigit()):
+        raise ConfigError(f"url must be {_URL_FORMS}: {url!r}")
     for name, low in (("retries", 0), ("concurrency", 1), ("max_message_mb", 1)):
         if kw[name] < low:
             raise ConfigError(f"{name} must be >= {low}, got {kw[name]}")
@@ -85,7 +124,11 @@ def _settings(url: str, **kw: Any) -> _Settings:
     if (kw["tls_cert"] is None) != (kw["tls_key"] is None):
         raise ConfigError("tls_cert and tls_key go together (a client certificate and its key)")
     credentials = None
-    if tls or kw["tls_ca"] or kw["tls_cert"]:
+    if rest_url is not None:  # the REST transport loads the files; refuse unreadable ones here
+        _read(kw["tls_ca"], "TLS CA")
+        _read(kw["tls_cert"], "TLS certificate")
+        _read(kw["tls_key"], "TLS key")
+    elif tls or kw["tls_ca"] or kw["tls_cert"]:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(kw["tls_ca"], "TLS CA"),
             private_key=_read(kw["tls_key"], "TLS key"),
@@ -103,7 +146,8 @@ def _settings(url: str, **kw: Any) -> _Settings:
     metadata = (("authorization", f"Bearer {kw['token']}"),) if kw["token"] else ()
     return _Settings(
         target, credentials, options, metadata, float(kw["timeout"]), int(kw["retries"]),
-        float(kw["backoff"]), int(kw["concurrency"]),
+        float(kw["backoff"]), int(kw["concurrency"]), rest_url,
+        (kw["tls_ca"], kw["tls_cert"], kw["tls_key"]), size,
     )  # fmt: skip
 
 
@@ -232,7 +276,8 @@ class _ClientBase:
             max_message_mb=max_message_mb,
         )  # fmt: skip
         self._ledger = _Ledger(budget)
-        self._infos: dict[tuple[str, str], ModelInfo] = {}
+        self._specs: dict[tuple[str, str, SpecOverrides], EndpointSpec] = {}
+        self._chosen: dict[tuple[str, str], EndpointSpec] = {}  # the last spec() per model
         self._open()
 
     def _open(self) -> None:
@@ -258,67 +303,96 @@ class _ClientBase:
     def _attempts(self, model: str | None = None, images: int = 0, **kw: Any) -> _Attempts:
         return _Attempts(self._settings, self._ledger, model, images, **kw)
 
-    @staticmethod
-    def _model_info(
-        meta: pb.ModelMetadataResponse, config: pb.ModelConfigResponse, version: str
-    ) -> ModelInfo:
-        if len(meta.inputs) != 1 or len(meta.outputs) != 1:
-            raise ConfigError(f"model {meta.name!r} must have one input and one output")
-        shape = _codec.dims(meta.inputs[0].shape)
-        if len(shape) != 3:
-            raise ConfigError(f"model {meta.name!r} takes {list(shape)}, not images [C, H, W]")
-        versions = sorted(meta.versions, key=lambda v: int(v) if v.isdigit() else -1)
-        return ModelInfo(
-            name=meta.name, version=version or (versions[-1] if versions else ""),
-            input_shape=(shape[0], shape[1], shape[2]),
-            num_classes=_codec.dims(meta.outputs[0].shape)[-1],
-            max_batch_size=max(1, config.config.max_batch_size), labels=[],
-            input_name=meta.inputs[0].name, output_name=meta.outputs[0].name,
-        )  # fmt: skip
+    def _known(self, model: str, version: str) -> EndpointSpec | None:
+        """The spec a call on `model` uses: the last `spec()` built for it (with its
+        overrides); None when the caller must build the plain one first."""
+        return self._chosen.get((model, version))
+
+    def _keep(self, key: tuple[str, str, SpecOverrides], spec: EndpointSpec) -> EndpointSpec:
+        self._specs[key] = spec
+        self._chosen[key[:2]] = spec
+        return spec
 
     @staticmethod
-    def _label_request(
-        info: ModelInfo, config: pb.ModelConfigResponse, version: str
-    ) -> pb.ModelInferRequest | None:
-        """One zero image classified over every class: the only way labels come back (None
-        when the config names no label file)."""
-        if not any(o.label_filename for o in config.config.output):
-            return None
-        zero = np.zeros((1, *info.input_shape), np.float32)
-        return _codec.infer_request(
-            info.name, version, zero, info.input_name, info.output_name, info.num_classes
+    def _no_config(exc: ClientError) -> bool:
+        """Servers without ModelConfig (KServe, MLServer) answer this; the spec goes without."""
+        return exc.code in ("UNIMPLEMENTED", "NOT_FOUND")
+
+    @staticmethod
+    def _probe(
+        meta: pb.ModelMetadataResponse, config: pb.ModelConfigResponse | None, version: str,
+        overrides: SpecOverrides,
+    ) -> tuple[EndpointSpec, pb.ModelInferRequest | None]:  # fmt: skip
+        """The spec as far as metadata and config go, and the one 1-image probe query (a zero
+        image) still needed, or None: classified over every class when the config names a
+        label file (labels and scores in one answer), else a plain query when only the
+        answer can tell logits from probabilities."""
+        unknown = needs_probe(meta, overrides)
+        assumed = dataclasses.replace(overrides, output_kind="logits") if unknown else overrides
+        draft = build_spec(meta, config, assumed, version=version)
+        zero = np.zeros((1, *draft.input_shape), np.float32)
+        labelled = config is not None and any(
+            o.label_filename for o in config.config.output if o.name == draft.output_name
         )
+        if labelled and draft.score_based and draft.num_classes:
+            return draft, _codec.infer_request(draft, zero, draft.num_classes)
+        return draft, (_codec.infer_request(draft, zero) if unknown else None)
 
     @staticmethod
-    def _with_labels(info: ModelInfo, response: pb.ModelInferResponse) -> ModelInfo:
-        labels = _decoded(_codec.decode_labels, response, info.num_classes)
-        return ModelInfo(**{**info.__dict__, "labels": labels})
+    def _probed(
+        meta: pb.ModelMetadataResponse, config: pb.ModelConfigResponse | None, version: str,
+        overrides: SpecOverrides, draft: EndpointSpec, request: pb.ModelInferRequest | None,
+        response: pb.ModelInferResponse | None,
+    ) -> EndpointSpec:  # fmt: skip
+        """The final spec from the probe's answer (the draft when there was no probe)."""
+        if request is None or response is None:
+            return draft
+        labels: list[str] = []
+        if _codec.CLASSIFICATION in request.outputs[0].parameters:
+            assert draft.num_classes is not None  # _probe classifies only when it is known
+            labels, row = _decoded(_codec.decode_probe, response, draft.num_classes)
+        else:
+            row = _decoded(_codec.decode_scores, response, draft)[0]
+        scores = row if needs_probe(meta, overrides) else None
+        return build_spec(meta, config, overrides, version=version, scores=scores, labels=labels)
 
     def _requests(
-        self, info: ModelInfo, images: np.ndarray, version: str, k: int
+        self, spec: EndpointSpec, images: np.ndarray, k: int
     ) -> list[tuple[int, pb.ModelInferRequest]]:
         """Validate the images and cut them into max_batch_size requests; reserves the budget."""
-        try:
-            x = np.asarray(images, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"images must be convertible to float32: {exc}") from exc
-        c, h, w = info.input_shape
-        if x.ndim != 4 or x.shape[1:] != info.input_shape or x.shape[0] < 1:
-            raise ConfigError(
-                f"model {info.name!r} takes images as float32 [N, {c}, {h}, {w}] with N >= 1, "
-                f"got shape {list(x.shape)}"
-            )
-        if not np.isfinite(x).all():
-            raise ConfigError("images hold NaN or Inf; pixels must be finite")
-        size = info.max_batch_size
+        x = _codec.check_images(spec, images)
+        size = spec.request_batch
         chunks = [x[i : i + size] for i in range(0, len(x), size)]
-        requests = [
-            (len(chunk), _codec.infer_request(
-                info.name, version, chunk, info.input_name, info.output_name, k))
-            for chunk in chunks
-        ]  # fmt: skip
+        requests = [(len(chunk), _codec.infer_request(spec, chunk, k)) for chunk in chunks]
         self._ledger.reserve(len(x))
         return requests
+
+    @staticmethod
+    def _need_scores(spec: EndpointSpec, kind: str | None = None) -> None:
+        """Refuse, before sending anything, a call the endpoint's output cannot answer."""
+        if not spec.score_based:
+            raise ConfigError(
+                f"model {spec.model!r} answers only labels (output {spec.output_name!r}): "
+                "scores need a logits or probabilities output"
+            )
+        if kind is not None and spec.output_kind != kind:
+            raise ConfigError(
+                f"model {spec.model!r} answers {spec.output_kind}, not {kind}: use scores()"
+            )
+
+    @staticmethod
+    def _scores(spec: EndpointSpec, responses: Sequence[pb.ModelInferResponse]) -> np.ndarray:
+        return np.concatenate([_decoded(_codec.decode_scores, r, spec) for r in responses])
+
+    @staticmethod
+    def _labels(spec: EndpointSpec, responses: Sequence[pb.ModelInferResponse]) -> np.ndarray:
+        if spec.score_based:
+            return _ClientBase._scores(spec, responses).argmax(axis=1).astype(np.int64)
+        return np.concatenate([_decoded(_codec.decode_label_output, r, spec) for r in responses])
+
+    @staticmethod
+    def _probabilities(spec: EndpointSpec, scores: np.ndarray) -> np.ndarray:
+        return scores if spec.output_kind == "probabilities" else _codec.softmax(scores)
 
     @staticmethod
     def _check_k(k: int) -> None:

@@ -16,8 +16,9 @@ import numpy as np
 from defcnn.client import _codec
 from defcnn.client.client import ModelInfo, _Attempts, _ClientBase, _decoded
 from defcnn.client.errors import ClientError
+from defcnn.client.spec import EndpointSpec, SpecOverrides
+from defcnn.client.transport import open_transport
 from defcnn.protos import grpc_service_pb2 as pb
-from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
@@ -26,8 +27,8 @@ class InferenceClient(_ClientBase):
     """Blocking client for a defcnn (or Triton) server: one channel, chunks sent by a pool."""
 
     def _open(self) -> None:
-        self._channel = self._new_channel(grpc)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        # gRPC or REST by the URL's scheme; the stub's calls either way (transport.py).
+        self._stub = open_transport(self._settings, lambda: self._new_channel(grpc))
         self._pool = ThreadPoolExecutor(self._settings.concurrency, "defcnn-client")
         self._info_lock = threading.Lock()
 
@@ -44,34 +45,55 @@ class InferenceClient(_ClientBase):
                 time.sleep(delay)
         return None
 
-    def info(self, model: str, version: str = "") -> ModelInfo:
-        """Shapes, batch limit and labels of a model (cached; labels cost one 1-image query)."""
+    def spec(
+        self, model: str, version: str = "", overrides: SpecOverrides | None = None
+    ) -> EndpointSpec:
+        """What `model` takes and answers (cached per model, version and overrides; later
+        calls on `model` use the last spec built for it). Costs at most one counted 1-image
+        query: a zero image, classified over every class when the server has labels, or sent
+        plainly when only the answer can tell logits from probabilities (none when
+        `overrides.output_kind` says which and there are no labels to read)."""
+        overrides = overrides or SpecOverrides()
+        key = (model, version, overrides)
         with self._info_lock:
-            key = (model, version)
-            if key not in self._infos:
-                meta = self._call(
-                    self._stub.ModelMetadata,
-                    pb.ModelMetadataRequest(name=model, version=version), self._attempts(),
-                )  # fmt: skip
+            if key in self._specs:
+                return self._keep(key, self._specs[key])
+            meta = self._call(
+                self._stub.ModelMetadata,
+                pb.ModelMetadataRequest(name=model, version=version), self._attempts(),
+            )  # fmt: skip
+            try:
                 config = self._call(
                     self._stub.ModelConfig,
                     pb.ModelConfigRequest(name=model, version=version), self._attempts(),
                 )  # fmt: skip
-                assert meta is not None and config is not None
-                info = self._model_info(meta, config, version)
-                probe = self._label_request(info, config, version)
-                if probe is not None:
-                    response = self._call(self._stub.ModelInfer, probe, self._attempts(model, 1))
-                    assert response is not None
-                    info = self._with_labels(info, response)
-                self._infos[key] = info
-            return self._infos[key]
+            except ClientError as exc:
+                if not self._no_config(exc):
+                    raise
+                config = None
+            assert meta is not None
+            draft, probe = self._probe(meta, config, version, overrides)
+            response = None
+            if probe is not None:
+                response = self._call(self._stub.ModelInfer, probe, self._attempts(model, 1))
+                assert response is not None
+            spec = self._probed(meta, config, version, overrides, draft, probe, response)
+            return self._keep(key, spec)
+
+    def _spec(self, model: str | EndpointSpec, version: str) -> EndpointSpec:
+        if isinstance(model, EndpointSpec):
+            return model
+        return self._known(model, version) or self.spec(model, version)
+
+    def info(self, model: str, version: str = "") -> ModelInfo:
+        """Shapes, batch limit and labels of a model: a view of its `spec()`."""
+        return ModelInfo.from_spec(self._spec(model, version))
 
     def _infer(
-        self, model: str, images: np.ndarray, version: str, k: int = 0
+        self, spec: EndpointSpec, images: np.ndarray, k: int = 0
     ) -> list[pb.ModelInferResponse]:
-        info = self.info(model, version)
-        requests = self._requests(info, images, version, k)
+        model = spec.model
+        requests = self._requests(spec, images, k)
         abort = threading.Event()
         futures = [
             self._pool.submit(
@@ -95,25 +117,45 @@ class InferenceClient(_ClientBase):
             raise ClientError("CANCELLED", "a request was aborted before it was answered")
         return [r for r in responses if r is not None]
 
+    def scores(
+        self, model: str | EndpointSpec, images: np.ndarray, version: str = ""
+    ) -> np.ndarray:
+        """float32 [N, C] scores as the endpoint gives them (logits or probabilities, as its
+        spec says), in the order of `images` (float32 [N, 3, H, W] in [0, 1])."""
+        spec = self._spec(model, version)
+        self._need_scores(spec)
+        return self._scores(spec, self._infer(spec, images))
+
+    def labels(
+        self, model: str | EndpointSpec, images: np.ndarray, version: str = ""
+    ) -> np.ndarray:
+        """int64 [N] classes: the argmax of the scores, or the endpoint's label output."""
+        spec = self._spec(model, version)
+        return self._labels(spec, self._infer(spec, images))
+
     def logits(self, model: str, images: np.ndarray, version: str = "") -> np.ndarray:
-        """float32 [N, num_classes] logits, in the order of `images`."""
-        responses = self._infer(model, images, version)
-        return np.concatenate([_decoded(_codec.decode_logits, r) for r in responses])
+        """float32 [N, num_classes] logits, in the order of `images` (a logits endpoint)."""
+        spec = self._spec(model, version)
+        self._need_scores(spec, "logits")
+        return self._scores(spec, self._infer(spec, images))
 
     def probabilities(self, model: str, images: np.ndarray, version: str = "") -> np.ndarray:
-        """Softmax of the logits: float32 [N, num_classes], rows summing to 1."""
-        return _codec.softmax(self.logits(model, images, version))
+        """float32 [N, num_classes], rows summing to 1: the softmax of logits, or the
+        endpoint's own probabilities."""
+        spec = self._spec(model, version)
+        self._need_scores(spec)
+        return self._probabilities(spec, self._scores(spec, self._infer(spec, images)))
 
     def predict(self, model: str, images: np.ndarray, version: str = "") -> np.ndarray:
-        """int64 [N] predicted class indices."""
-        return self.logits(model, images, version).argmax(axis=1).astype(np.int64)
+        """int64 [N] predicted class indices (`labels`)."""
+        return self.labels(model, images, version)
 
     def classify(
         self, model: str, images: np.ndarray, k: int = 1, version: str = ""
     ) -> list[list[tuple[str, int, float]]]:
         """Top-k (label, index, logit) per image from the server's classification extension."""
         self._check_k(k)
-        responses = self._infer(model, images, version, k)
+        responses = self._infer(self._spec(model, version), images, k)
         return [row for r in responses for row in _decoded(_codec.decode_classification, r)]
 
     def statistics(self, model: str, version: str = "") -> pb.ModelStatisticsResponse:
@@ -125,7 +167,7 @@ class InferenceClient(_ClientBase):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._channel.close()
+        self._stub.close()
 
     def __enter__(self) -> InferenceClient:
         return self
