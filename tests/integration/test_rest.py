@@ -183,7 +183,9 @@ def test_bearer_token_goes_in_every_request(recorder) -> None:
     handler.token = "s3cret"
     url = f"http://127.0.0.1:{server.server_address[1]}"
     with InferenceClient(url, token="s3cret") as client:
-        expected = np.tile(np.arange(10, dtype=np.float32), (2, 1))  # no config: 1 per request
+        # No config, but the metadata allows any batch: both images go in one request
+        # (UNCONFIGURED_BATCH), and logit j of image i is 10 i + j.
+        expected = np.arange(20, dtype=np.float32).reshape(2, 10)
         np.testing.assert_array_equal(client.logits("m", images(2)), expected)
     assert handler.seen and all(h["authorization"] == "Bearer s3cret" for h in handler.seen)
     with InferenceClient(url, token="wrong") as client, pytest.raises(ClientError) as exc:

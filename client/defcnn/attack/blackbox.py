@@ -19,7 +19,7 @@ it runs alone, in a batch or in a resumed run.
 
 Repeats are answered from memory, not sent: ART's Square asks for the current image's
 scores twice per iteration besides the new candidate, so a query is a distinct image sent
-(the endpoint is taken as deterministic, which the harness checks).
+(the endpoint is taken as deterministic; `memo=False` sends every repeat).
 """
 
 from __future__ import annotations
@@ -340,9 +340,8 @@ def _attack_image(
 
     turn = ImageTurn(seed)
 
-    def send(rows: np.ndarray) -> np.ndarray:
-        with turn.paused():  # other images run their ART code while this one waits
-            return batcher.submit(rows)
+    def send(rows: np.ndarray) -> np.ndarray:  # other images run ART code while this waits
+        return batcher.submit(rows, turn)
 
     oracle = Oracle(
         send, x0, label, budget, num_classes=num_classes, labels_only=info.threat == "decision",
