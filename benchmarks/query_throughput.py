@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -38,6 +39,16 @@ from defcnn.training import TrainConfig, train
 from defcnn.versions import versions
 
 MODEL = "defective"
+
+
+def _cpus(text: str) -> set[int]:
+    return {int(c) for c in text.split(",")}
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus` (threads started later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
 
 
 def build_repo(root: Path, checkpoint: str | None, max_batch: int) -> Path:
@@ -103,11 +114,24 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--checkpoint", help="a digits checkpoint (default: train one briefly)")
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--server-cpus",
+        type=_cpus,
+        metavar="0,1",
+        help="pin the server (and each of its threads) to these CPUs, with one "
+        "ONNX Runtime thread per CPU: a server on cores of its own, as deployed",
+    )
+    p.add_argument("--client-cpus", type=_cpus, metavar="0,1", help="pin this process")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repo(Path(tmp), args.checkpoint, args.max_batch)
-        with local_server(repo, Path(tmp) / "serve.log") as server:
+        threads = ("--threads", str(len(args.server_cpus))) if args.server_cpus else ()
+        with local_server(repo, Path(tmp) / "serve.log", extra=threads) as server:
+            if args.server_cpus:
+                pin(server.pid, args.server_cpus)
+            if args.client_cpus:
+                pin(os.getpid(), args.client_cpus)
             client = InferenceClient(server.url)
             info = client.info(MODEL)
             data = load_dataset("digits", image_size=info.input_shape[1], progress=False)
@@ -133,6 +157,8 @@ def main() -> None:
         "machine": machine(), "versions": versions("numpy", "onnxruntime", "grpcio", "art"),
         "images": len(y), "budget": args.budget, "max_batch_size": info.max_batch_size,
         "repeats": args.repeats, "peak_images_per_second": top, "peaks": peaks,
+        "server_cpus": sorted(args.server_cpus or ()),
+        "client_cpus": sorted(args.client_cpus or ()),
         "batch_n_images_per_second": statistics.median(at_n), "attacks": {},
     }  # fmt: skip
     print(f"machine: {result['machine']}")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
+import onnx
+import onnx.numpy_helper
 import pytest
 
 from defcnn.attack.results import QueryResult, TransferResult
-from defcnn.cli import main
+from defcnn.cli import EXIT_USAGE, main
 from defcnn.display import NO_SUCCESS
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.training import TrainConfig, train
@@ -79,7 +82,8 @@ def test_transfer_attack_report_counts_and_resume(
         assert low <= r["accuracy_adversarial"] <= high
         assert r["mean_linf"] <= r["eps_255"] / 255 + 1e-9  # what was sent stays in the ball
         assert 0.0 <= r["accuracy_adversarial"] <= 1.0
-    sent = 12 * (1 + 4) + 1  # clean once, each attack x eps, and the spec's one probe
+    # clean once, each attack x eps, the spec's one probe and the fingerprint's one
+    sent = 12 * (1 + 4) + 2
     assert results["queries"]["digits"]["images"] == sent
     assert _inference_count(server) - before == sent  # the server saw exactly what we counted
     report = (out / "report.md").read_text()
@@ -88,13 +92,13 @@ def test_transfer_attack_report_counts_and_resume(
     _assert_readable(report)
     assert _same_json(TransferResult.from_dict(results).to_dict(), results)  # file = type
     # A rerun with the same settings resumes from disk: nothing is crafted or sent again
-    # but the spec's one probe (the endpoint is read again, to check it is the same one).
+    # but the spec's probe and the fingerprint (to check it is the same endpoint).
     assert main(argv) == 0
-    assert _inference_count(server) - before == sent + 1
+    assert _inference_count(server) - before == sent + 2
     again = json.loads((out / "results.json").read_text())
-    assert again["queries"]["digits"]["images"] == 1  # this run
+    assert again["queries"]["digits"]["images"] == 2  # this run
     assert again["totals"]["runs"] == 2  # and every run into the folder, together
-    assert again["totals"]["queries"]["digits"]["images"] == sent + 1
+    assert again["totals"]["queries"]["digits"]["images"] == sent + 2
     assert again["rows"] == rows
     assert "All runs into this folder together: 2 runs" in (out / "report.md").read_text()
     # Images per request change speed, never a result: still the same run, resumed.
@@ -118,9 +122,10 @@ def test_query_attack_report_and_exact_budget(server, tmp_path: Path, attack: st
         assert trace["queries"] <= 40
     attack_queries = sum(t["queries"] for t in entry["traces"].values())
     assert entry["attacked"] >= 1 and attack_queries > 0
-    # the clean pass, the client's one-time label lookup, then every query of the attack
-    assert results["queries"]["digits"]["images"] == 4 + 1 + attack_queries
-    assert _inference_count(server) - before == 4 + 1 + attack_queries
+    # the clean pass, the client's one-time label lookup, the endpoint's fingerprint, then
+    # every query of the attack
+    assert results["queries"]["digits"]["images"] == 4 + 2 + attack_queries
+    assert _inference_count(server) - before == 4 + 2 + attack_queries
     if attack == "hopskipjump":
         assert "median_l2" in entry["by_budget"][-1]
     assert (out / "success_vs_queries.png").exists() and (out / "report.md").exists()
@@ -230,7 +235,7 @@ def test_transfer_reruns_are_keyed_by_the_surrogates_contents(
     copy.write_bytes(surrogate.read_bytes())
     before = _inference_count(server)
     assert main(_transfer_argv(server, out, copy)) == 0  # the same file elsewhere: a resume
-    assert _inference_count(server) - before == 1  # only the spec's probe
+    assert _inference_count(server) - before == 2  # only the spec's probe and fingerprint
     other = tmp_path / "other.safetensors"
     cfg = TrainConfig(arch="resnet18", width=0.125, dataset="digits", epochs=1, max_steps=2,
                       schedule="fast", seed=8, out=str(tmp_path / "run8"))  # fmt: skip
@@ -339,3 +344,35 @@ def test_bad_transfer_settings_are_one_line_errors(
 def test_a_missing_surrogate_is_named(server, tmp_path: Path, capsys) -> None:
     assert main(_transfer_argv(server, tmp_path / "x", tmp_path / "none.safetensors")) == 2
     assert "--surrogate" in _error(capsys)
+
+
+def test_a_resume_follows_the_model_not_the_address(
+    server, repo, launch, surrogate, tmp_path: Path, capsys
+) -> None:
+    """The same model on a new port resumes; a model swapped behind the same name and spec
+    is another run, refused (its answers differ), not a stale resume."""
+    out = tmp_path / "t"
+    assert main(_transfer_argv(server, out, surrogate)) == 0
+    moved_repo = tmp_path / "moved"
+    shutil.copytree(repo.root / "digits", moved_repo / "digits")
+    moved = launch.start(moved_repo)
+    try:
+        assert main(_transfer_argv(moved, out, surrogate)) == 0
+        assert json.loads((out / "results.json").read_text())["totals"]["runs"] == 2
+    finally:
+        moved.stop()
+    swapped_repo = tmp_path / "swapped"
+    shutil.copytree(repo.root / "digits", swapped_repo / "digits")
+    graph = onnx.load(swapped_repo / "digits" / "1" / "model.onnx")
+    bias = next(t for t in graph.graph.initializer if tuple(t.dims) == (10,))  # the head's
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[0] += 5.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(graph, swapped_repo / "digits" / "1" / "model.onnx")
+    swapped = launch.start(swapped_repo)
+    try:
+        capsys.readouterr()
+        assert main(_transfer_argv(swapped, out, surrogate)) == EXIT_USAGE
+        assert "answers" in _error(capsys)
+    finally:
+        swapped.stop()

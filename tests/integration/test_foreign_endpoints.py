@@ -228,7 +228,8 @@ def test_transfer_numbers_equal_ours(
 def _assert_sent_exactly(received: list[np.ndarray], out: Path, results: dict[str, Any]) -> None:
     """Uint8 rounding happens in the sent pixel space: the UINT8 endpoint received exactly
     the data set's uint8 images and the crafted uint8 images (which ours got as k/255
-    floats), each once, and the spec's one probe besides."""
+    floats), each once, and the fingerprint's probe besides (this endpoint's metadata says
+    UINT8 and probabilities are found by the fingerprint's answer: no spec probe)."""
     assert all(r.dtype == np.uint8 and r.shape[1:] == (32, 32, 3) for r in received)
     sent = Counter(row.transpose(2, 0, 1).tobytes() for r in received for row in r)
     data = load_dataset("digits", None, progress=False)
@@ -237,7 +238,7 @@ def _assert_sent_exactly(received: list[np.ndarray], out: Path, results: dict[st
     assert len(crafted) == 4 and all(a.dtype == np.uint8 for a in crafted)
     expected = Counter(row.tobytes() for batch in (clean, *crafted) for row in batch)
     assert not expected - sent  # every image, exactly as crafted
-    assert (sent - expected).total() == 1  # and the probe
+    assert (sent - expected).total() == 2  # and the two probes
 
 
 # ---------------------------------------------------------------- query attacks
@@ -326,18 +327,18 @@ def test_a_score_attack_on_the_uint8_endpoint_sends_uint8_levels_inside_the_ball
     entry = results["models"][MODEL]
     assert entry["clean_accuracy"] == ours_square["models"][MODEL]["clean_accuracy"]
     assert all(t["queries"] <= 100 for t in entry["traces"].values())
-    # The endpoint saw exactly what the client counted: the probe, the clean pass, the queries.
+    # The endpoint saw exactly what the client counted: the probes, the clean pass, the queries.
     images = np.concatenate([r.transpose(0, 3, 1, 2) for r in received]).astype(np.int16)
     assert len(images) == results["queries"][MODEL]["images"]
     queries = sum(t["queries"] for t in entry["traces"].values())
-    assert len(images) == 1 + 4 + queries
+    assert len(images) == 2 + 4 + queries
     # Every attack query is within eps (32 levels) of its clean image, as sent: rounding to
     # uint8 happened before the ball was checked, not after.
     data = load_dataset("digits", None, progress=False)
     clean = data.test_x[results["dataset"]["indices"]].astype(np.int16)
     attacked = clean[[int(i) for i in entry["traces"]]]
     distance = np.abs(images[:, None] - attacked[None]).max(axis=(2, 3, 4))  # [sent, clean]
-    assert int((distance.min(axis=1) <= 32).sum()) >= len(images) - 1  # all but the probe
+    assert int((distance.min(axis=1) <= 32).sum()) >= len(images) - 2  # all but the probes
     for trace in entry["traces"].values():
         if trace["first_success"] is not None:
             assert trace["best_label"] is not None

@@ -10,6 +10,7 @@ resumes. Seeds make runs repeatable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -108,7 +109,19 @@ def _data_key(choice: DataChoice, info: DatasetInfo) -> dict[str, Any]:
 
 
 def _endpoint_key(endpoint: Endpoint) -> dict[str, Any]:
-    return {"url": endpoint.url, "models": list(endpoint.models)}
+    """The models by name; not the URL: a deployment that moved (or a local server on a new
+    port) is the same endpoint when it answers the same (`_fingerprint`)."""
+    return {"models": list(endpoint.models)}
+
+
+def _fingerprint(client: Any, spec: EndpointSpec) -> str:
+    """What the endpoint answers for one fixed probe image (seeded noise on uint8 levels),
+    hashed: a model swapped behind the same name and spec answers otherwise, so a rerun
+    against it is not taken for a resume. One counted query per model and run."""
+    levels = np.random.default_rng(0).integers(0, 256, (1, 3, spec.height, spec.width))
+    probe = (levels / 255).astype(np.float32)
+    answer = client.scores(spec, probe) if spec.score_based else client.labels(spec, probe)
+    return hashlib.sha256(np.ascontiguousarray(answer).tobytes()).hexdigest()[:16]
 
 
 def _specs(client: Any, endpoint: Endpoint, choice: SpecChoice) -> dict[str, EndpointSpec]:
@@ -219,6 +232,7 @@ def run_transfer(settings: TransferSettings, *, progress: bool = True) -> Transf
         specs = _specs(client, settings.endpoint, settings.spec)
         mapping = _label_map(settings.data, info, specs)
         run.check(spec={m: s.result_key() for m, s in specs.items()},
+                  answers={m: _fingerprint(client, s) for m, s in specs.items()},
                   label_map=None if mapping is None else list(mapping))  # fmt: skip
         x = _fit(x, next(iter(specs.values())), info.source)
         run.begin()
@@ -373,6 +387,7 @@ def run_query(settings: QuerySettings, *, progress: bool = True) -> QueryResult:
         threat = check_threat(settings.attack, specs)
         mapping = _label_map(settings.data, info, specs)
         run.check(spec={m: s.result_key() for m, s in specs.items()},
+                  answers={m: _fingerprint(client, s) for m, s in specs.items()},
                   label_map=None if mapping is None else list(mapping))  # fmt: skip
         x = _fit(x, next(iter(specs.values())), info.source)
         run.begin()
