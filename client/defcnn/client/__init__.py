@@ -1,6 +1,6 @@
 """Clients for a defcnn (KServe v2 / Triton gRPC) server: numpy in, logits and labels out.
 
-Torch-free on purpose (numpy and grpc only), so attack harnesses and services can query a
+Torch-free on purpose (numpy, grpc and httpx only), so attack harnesses and services can query a
 model without the training stack.
 """
 
