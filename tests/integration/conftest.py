@@ -121,6 +121,19 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     return Repo(root, onnx_path, session)
 
 
+@pytest.fixture(scope="session")
+def surrogate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An independently trained standard surrogate (another seed, no masks), shared by the
+    attack tests against our server and against foreign ones."""
+    out = tmp_path_factory.mktemp("surrogate") / "run"
+    cfg = TrainConfig(
+        arch="resnet18", width=0.125, dataset="digits", epochs=1, max_steps=20,
+        schedule="fast", seed=7, out=str(out),
+    )  # fmt: skip
+    train(cfg, progress=False)
+    return out / "model.safetensors"
+
+
 @pytest.fixture(scope="module")
 def server(repo: Repo) -> Iterator[ServerProcess]:
     srv = _launch(repo.root, ("--max-queue-delay-us", "5000"), None)

@@ -19,18 +19,6 @@ from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.training import TrainConfig, train
 
 
-@pytest.fixture(scope="module")
-def surrogate(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An independently trained standard surrogate (another seed, no masks)."""
-    out = tmp_path_factory.mktemp("surrogate") / "run"
-    cfg = TrainConfig(
-        arch="resnet18", width=0.125, dataset="digits", epochs=1, max_steps=20,
-        schedule="fast", seed=7, out=str(out),
-    )  # fmt: skip
-    train(cfg, progress=False)
-    return out / "model.safetensors"
-
-
 def _inference_count(server, model: str = "digits") -> int:
     stats = server.stub().ModelStatistics(pb.ModelStatisticsRequest(name=model))
     return stats.model_stats[0].inference_count

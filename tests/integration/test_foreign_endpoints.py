@@ -41,7 +41,6 @@ import pytest
 from defcnn.cli import main
 from defcnn.client import InferenceClient
 from defcnn.data import load_dataset
-from defcnn.training import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
@@ -95,18 +94,6 @@ def server(launch, repo) -> Iterator[Any]:
         yield srv
     finally:
         assert srv.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def surrogate(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An independently trained standard surrogate (another seed, no masks)."""
-    out = tmp_path_factory.mktemp("surrogate") / "run"
-    cfg = TrainConfig(
-        arch="resnet18", width=0.125, dataset="digits", epochs=1, max_steps=20,
-        schedule="fast", seed=7, out=str(out),
-    )  # fmt: skip
-    train(cfg, progress=False)
-    return out / "model.safetensors"
 
 
 @pytest.fixture(scope="module", autouse=True)
