@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.numpy_helper
 import pytest
@@ -364,3 +365,97 @@ def test_a_resume_follows_the_model_not_the_address(
         assert "answers" in _error(capsys)
     finally:
         swapped.stop()
+
+
+def _permuted_repo(repo, root: Path, perm: list[int], names: list[str]) -> Path:
+    """The suite's model with its classes reordered: endpoint index k is the original class
+    perm[k] (the head's rows permuted), named names[k] in labels.txt."""
+    shutil.copytree(repo.root / "digits", root / "digits")
+    path = root / "digits" / "1" / "model.onnx"
+    graph = onnx.load(path)
+    for t in graph.graph.initializer:
+        if tuple(t.dims)[:1] == (10,) and len(t.dims) in (1, 2):  # the head's bias and weight
+            values = onnx.numpy_helper.to_array(t)[perm]
+            t.CopyFrom(onnx.numpy_helper.from_array(values, t.name))
+    onnx.save(graph, path)
+    (root / "digits" / "labels.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def test_classes_in_another_order_are_mapped_not_misread(
+    server, repo, launch, surrogate, tmp_path: Path, capsys
+) -> None:
+    """An endpoint whose classes are the data set's in another order: mapped by name (or by
+    --label-map when its names differ), and the numbers equal those of the original order;
+    unmapped different names are refused rather than scored against the wrong class."""
+    perm = [3, 7, 0, 9, 1, 5, 2, 8, 6, 4]
+    argv = ("--attack", "fgsm", "pgd", "--eps", "16")
+    assert main(_transfer_argv(server, tmp_path / "ours", surrogate, *argv)) == 0
+    ours = json.loads((tmp_path / "ours" / "results.json").read_text())["rows"]
+
+    def rates(rows: list[dict]) -> list[tuple]:
+        return [(r["attack"], r["accuracy_clean"], r["accuracy_adversarial"]) for r in rows]
+
+    by_name = launch.start(_permuted_repo(repo, tmp_path / "a", perm, [str(c) for c in perm]))
+    try:
+        capsys.readouterr()
+        assert main(_transfer_argv(by_name, tmp_path / "by-name", surrogate, *argv)) == 0
+        assert "label map by class name" in capsys.readouterr().out
+    finally:
+        by_name.stop()
+    got = json.loads((tmp_path / "by-name" / "results.json").read_text())["rows"]
+    assert rates(got) == rates(ours)
+
+    renamed = launch.start(_permuted_repo(repo, tmp_path / "b", perm, list("abcdefghij")))
+    try:
+        capsys.readouterr()
+        assert main(_transfer_argv(renamed, tmp_path / "refused", surrogate, *argv)) == EXIT_USAGE
+        assert "--label-map" in _error(capsys)
+        mapping = tmp_path / "map.json"  # data set class c -> the endpoint index holding it
+        mapping.write_text(json.dumps([perm.index(c) for c in range(10)]))
+        out = tmp_path / "mapped"
+        assert (
+            main(_transfer_argv(renamed, out, surrogate, *argv, "--label-map", str(mapping))) == 0
+        )
+    finally:
+        renamed.stop()
+    assert rates(json.loads((out / "results.json").read_text())["rows"]) == rates(ours)
+
+
+def test_an_endpoint_of_another_size_gets_the_images_resized_once(
+    launch, surrogate, tmp_path: Path, capsys
+) -> None:
+    """A 24x24 endpoint: the 32x32 data set images are resized once (said once), attacked at
+    24x24, and the clean accuracy is the endpoint's own on those resized images."""
+    from defcnn.client import InferenceClient
+    from defcnn.data import load_dataset
+    from defcnn.data._resize import resize_uint8
+    from defcnn.export.exporter import ExportSettings, export
+
+    run = tmp_path / "run24"
+    train(TrainConfig(arch="resnet18", width=0.125, dataset="digits", image_size=24, epochs=1,
+                      max_steps=20, schedule="fast", out=str(run)), progress=False)  # fmt: skip
+    export(ExportSettings(checkpoint=str(run / "model.safetensors"), repo=str(tmp_path / "r"),
+                          name="digits", max_batch_size=16))  # fmt: skip
+    small = launch.start(tmp_path / "r")
+    out = tmp_path / "out"
+    try:
+        capsys.readouterr()
+        assert main(_transfer_argv(small, out, surrogate)) == 0
+        printed = capsys.readouterr().out
+        assert printed.count("to the endpoint's 24x24") == 1
+        results = json.loads((out / "results.json").read_text())
+        assert (results["specs"]["digits"]["height"], results["specs"]["digits"]["width"]) == (
+            24, 24,
+        )  # fmt: skip
+        data = load_dataset("digits", progress=False)
+        x = resize_uint8(data.test_x[results["dataset"]["indices"]], 24)
+        with InferenceClient(small.address) as client:
+            right = (
+                client.labels("digits", x.astype(np.float32) / 255)
+                == data.test_y[results["dataset"]["indices"]]
+            )
+    finally:
+        small.stop()
+    assert all(r["accuracy_clean"] == float(right.mean()) for r in results["rows"])
+    assert all(np.load(p).shape[2:] == (24, 24) for p in (out / "stages").glob("adv-*.npy"))

@@ -154,13 +154,17 @@ class _Request:
 
 class Batcher:
     """Gathers the rows that waiting image threads submit and sends them in shared predict
-    calls of at most `max_batch` rows, one call at a time.
+    calls of at most `max_batch` rows, up to `in_flight` calls at a time.
 
     A call goes out as soon as every live image thread is waiting (nobody can add more), or
-    `max_batch` rows are waiting, or no new rows arrived for `window` seconds (an image busy
-    in a long computation does not hold the others back). `sizes` records every call's rows.
-    An error from predict goes to every request in that call; `abort` fails every request,
-    waiting or future, with one error."""
+    a share of the live images (`live / in_flight`, at most `max_batch` rows) is waiting, or
+    no new rows arrived for `window` seconds (an image busy in a long computation does not
+    hold the others back). With two calls in flight the images' ART turns for one share run
+    while the endpoint answers the other, instead of the two taking turns (measured in
+    benchmarks/query_throughput.py). `sizes` records every call's rows. An error from
+    predict goes to every request in that call; `abort` fails every request, waiting or
+    future, with one error. `predict` must be safe to call from two threads (the client is).
+    """
 
     def __init__(
         self,
@@ -168,12 +172,16 @@ class Batcher:
         *,
         max_batch: int,
         window: float,
+        in_flight: int = 2,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self._predict = predict
         self.max_batch = max_batch
         self.window = window
+        self.in_flight = in_flight
         self.sizes: list[int] = []
         self._cond = threading.Condition()
         self._pending: deque[_Request] = deque()  # requests with rows not yet taken
@@ -182,8 +190,12 @@ class Batcher:
         self._last_arrival = 0.0
         self._closed = False
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="query-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"query-batcher-{i}", daemon=True)
+            for i in range(in_flight)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def enter(self) -> None:
         with self._cond:
@@ -227,8 +239,9 @@ class Batcher:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
 
     def _finish(self, req: _Request, error: BaseException | None) -> None:
         if req.done.is_set():
@@ -242,8 +255,9 @@ class Batcher:
 
     def _ready(self) -> bool:
         rows = sum(len(r.rows) - r.taken for r in self._pending)
+        share = max(1, min(self.max_batch, self._live // self.in_flight))
         return (
-            rows >= self.max_batch
+            rows >= share
             or self._waiting >= self._live
             or self._closed
             or time.monotonic() - self._last_arrival >= self.window

@@ -165,6 +165,35 @@ def _label_map(choice: DataChoice, info: DatasetInfo, specs: dict[str, EndpointS
     if mapping is None and smallest is not None and len(info.classes) > smallest:
         raise ConfigError(f"the data set has {len(info.classes)} classes but the endpoint "
                           f"{smallest}: pass --label-map FILE")  # fmt: skip
+    if mapping is None:
+        mapping = _map_by_name(info.classes, specs)
+    return mapping
+
+
+def _map_by_name(classes: tuple[str, ...], specs: dict[str, EndpointSpec]) -> Any:
+    """Where the endpoint names its classes and no --label-map is given: identity when the
+    names are the data set's in its order, the permutation when they are the same names in
+    another order (said on the console), else an error, since an identity map over
+    different names would score every image against the wrong class without a word."""
+    found: set[tuple[int, ...] | None] = set()
+    for model, spec in specs.items():
+        labels = tuple(spec.labels)
+        if not labels or labels == tuple(classes):
+            found.add(None)
+        elif sorted(labels) == sorted(classes) and len(set(labels)) == len(labels):
+            found.add(tuple(labels.index(c) for c in classes))
+        else:
+            raise ConfigError(
+                f"model {model!r} names its classes {list(labels)[:12]}, not the data set's "
+                f"{list(classes)[:12]}: pass --label-map FILE (data set class -> endpoint index)"
+            )
+    if len(found) > 1:
+        raise ConfigError("the endpoint models order their classes differently: attack them "
+                          "in separate runs, or pass --label-map FILE")  # fmt: skip
+    mapping = found.pop() if found else None
+    if mapping is not None:
+        print(f"label map by class name: data set class i -> endpoint index {list(mapping)}",
+              flush=True)  # fmt: skip
     return mapping
 
 
