@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from defcnn.cli import main
+from defcnn.cli import EXIT_USAGE, main
 from defcnn.client import InferenceClient
 from defcnn.data import load_dataset
 
@@ -358,3 +358,18 @@ def test_a_score_attack_on_the_label_only_endpoint_names_the_decision_attacks(
     for name in ("hopskipjump", "boundary", "geoda", "signopt"):
         assert name in err
     assert not (tmp_path / "l" / "results.json").exists()
+
+
+def test_too_few_stated_classes_are_refused_before_any_query(
+    endpoints: Foreign, tmp_path: Path, capsys
+) -> None:
+    """`--num-classes` below the data set's classes on a label-only endpoint: one clear
+    line and exit 2, asking for the label map, before the attack sends anything."""
+    argv = ["attack", "query", "--url", endpoints.url("label", "grpc"), "--model", MODEL,
+            "--attack", "hopskipjump", "--budget", "20", "--num-classes", "2",
+            "--num-images", "4", "--out", str(tmp_path / "q"), "--quiet"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--label-map" in err and "Traceback" not in err
+    assert not (tmp_path / "q" / "traces").exists()

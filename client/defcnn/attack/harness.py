@@ -49,7 +49,7 @@ from defcnn.attack.settings import (
     resolve_label_map,
 )
 from defcnn.client.spec import EndpointSpec
-from defcnn.errors import ConfigError
+from defcnn.errors import ConfigError, DataError
 from defcnn.sampling import seeded_subset
 from defcnn.versions import versions
 
@@ -397,7 +397,16 @@ def _predict(client: Any, spec: EndpointSpec, threat: Threat, num_classes: int) 
     if threat == "score":
         return lambda b: client.scores(spec, b)
     eye = np.eye(num_classes, dtype=np.float32)
-    return lambda b: eye[client.labels(spec, b)]
+
+    def one_hot(b: np.ndarray) -> np.ndarray:
+        labels = client.labels(spec, b)
+        if labels.size and not (labels.min() >= 0 and labels.max() < num_classes):
+            raise DataError(f"model {spec.model!r} answered label {int(labels.max())} (or "
+                            f"{int(labels.min())}), outside its {num_classes} classes: "
+                            "check --num-classes")  # fmt: skip
+        return eye[labels]
+
+    return one_hot
 
 
 def run_query(settings: QuerySettings, *, progress: bool = True) -> QueryResult:
