@@ -19,7 +19,6 @@ from defcnn.attack.blackbox import (
     Oracle,
     Trace,
     attack_images,
-    attack_one,
     attacks_for,
 )
 from defcnn.client.errors import QueryBudgetExceeded
@@ -227,12 +226,6 @@ def test_progress_gets_each_image_once(images) -> None:
     traces = _run("simba", Linear(), x, y, progress=lambda i, t: seen.setdefault(i, t))
     assert sorted(seen) == list(range(len(x)))
     assert all(seen[i] is traces[i] for i in seen)
-
-
-def test_attack_one_is_attack_images_on_one_image(images) -> None:
-    x, y = images
-    one = attack_one("square", Linear(), x[1], int(y[1]), CLASSES, budget=60, eps=EPS, seed=9)
-    assert _same([one], _run("square", Linear(), x[1:2], y[1:2], seed=[9]))
 
 
 def test_batcher_splits_big_requests_and_keeps_order() -> None:

@@ -448,23 +448,6 @@ def attack_images(
     return [t for t in traces if t is not None]
 
 
-def attack_one(
-    name: str,
-    predict_proba: Predict,
-    x0: np.ndarray,
-    label: int,
-    num_classes: int,
-    *,
-    budget: int,
-    eps: float,
-    seed: int,
-) -> Trace:
-    """Attack one float image [3, H, W] in [0, 1] until success or the budget runs out."""
-    traces = attack_images(name, predict_proba, x0[None], [label], num_classes, budget=budget,
-                           eps=eps, seed=[seed], max_batch=1 << 16)  # fmt: skip
-    return traces[0]
-
-
 def summarize(traces: list[Trace], budgets: list[int], *, decision_based: bool) -> list[BudgetRow]:
     """Per budget: success rate, mean/median queries of successes, median L2 if decision-based."""
     rows = []

@@ -10,10 +10,11 @@ resumes. Seeds make runs repeatable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,43 @@ class _Run:
         _runstate.save(self.out, self.kind, self.key, totals)
 
 
+@contextlib.contextmanager
+def _connected(run: _Run, endpoint: Endpoint) -> Iterator[Any]:
+    """The endpoint's client for the run; an interrupted or failed run that had begun still
+    saves what it spent, so a resume's totals include it."""
+    client = endpoint.client()
+    try:
+        yield client
+    except BaseException:
+        if run.started:
+            run.finish(run.totals(client, endpoint.models))
+        raise
+    finally:
+        client.close()
+
+
+def _prepare(
+    run: _Run,
+    client: Any,
+    settings: TransferSettings | QuerySettings,
+    info: DatasetInfo,
+    x: np.ndarray,
+    vet: Callable[[dict[str, EndpointSpec]], Any] = lambda specs: None,
+) -> tuple[dict[str, EndpointSpec], Any, tuple[int, ...] | None, np.ndarray]:
+    """Before the first stage: the endpoint's specs (`vet` may refuse them, and what it
+    returns is passed on), the label map, the endpoint's part of the run's key, and the
+    images at the endpoint's size; then the run begins."""
+    specs = _specs(client, settings.endpoint, settings.spec)
+    vetted = vet(specs)
+    mapping = _label_map(settings.data, info, specs)
+    run.check(spec={m: s.result_key() for m, s in specs.items()},
+              answers={m: _fingerprint(client, s) for m, s in specs.items()},
+              label_map=None if mapping is None else list(mapping))  # fmt: skip
+    x = _fit(x, next(iter(specs.values())), info.source)
+    run.begin()
+    return specs, vetted, mapping, x
+
+
 def run_transfer(settings: TransferSettings, *, progress: bool = True) -> TransferResult:
     """Craft on the surrogates, send to every endpoint model, score, and write the report."""
     settings.check_files()
@@ -255,24 +293,9 @@ def run_transfer(settings: TransferSettings, *, progress: bool = True) -> Transf
         surrogates=[_runstate.sha256(p) for p in settings.surrogates],
         data=_data_key(settings.data, info), endpoint=_endpoint_key(settings.endpoint),
     )  # fmt: skip
-    models_ = settings.endpoint.models
-    client = settings.endpoint.client()
-    try:
-        specs = _specs(client, settings.endpoint, settings.spec)
-        mapping = _label_map(settings.data, info, specs)
-        run.check(spec={m: s.result_key() for m, s in specs.items()},
-                  answers={m: _fingerprint(client, s) for m, s in specs.items()},
-                  label_map=None if mapping is None else list(mapping))  # fmt: skip
-        x = _fit(x, next(iter(specs.values())), info.source)
-        run.begin()
-        result = _transfer(settings, run, client, specs, x, y, info, mapping, progress)
-    except BaseException:
-        if run.started:
-            run.finish(run.totals(client, models_))
-        raise
-    finally:
-        client.close()
-    return result
+    with _connected(run, settings.endpoint) as client:
+        specs, _, mapping, x = _prepare(run, client, settings, info, x)
+        return _transfer(settings, run, client, specs, x, y, info, mapping, progress)
 
 
 def _transfer(
@@ -418,25 +441,11 @@ def run_query(settings: QuerySettings, *, progress: bool = True) -> QueryResult:
     run.check(attack=settings.attack, budget=settings.budget, eps=settings.eps_255,
               data=_data_key(settings.data, info),
               endpoint=_endpoint_key(settings.endpoint))  # fmt: skip
-    models_ = settings.endpoint.models
-    client = settings.endpoint.client()
-    try:
-        specs = _specs(client, settings.endpoint, settings.spec)
-        threat = check_threat(settings.attack, specs)
-        mapping = _label_map(settings.data, info, specs)
-        run.check(spec={m: s.result_key() for m, s in specs.items()},
-                  answers={m: _fingerprint(client, s) for m, s in specs.items()},
-                  label_map=None if mapping is None else list(mapping))  # fmt: skip
-        x = _fit(x, next(iter(specs.values())), info.source)
-        run.begin()
-        result = _query(settings, run, client, specs, threat, x, y, info, mapping, progress)
-    except BaseException:
-        if run.started:
-            run.finish(run.totals(client, models_))
-        raise
-    finally:
-        client.close()
-    return result
+    with _connected(run, settings.endpoint) as client:
+        specs, threat, mapping, x = _prepare(
+            run, client, settings, info, x, vet=lambda s: check_threat(settings.attack, s)
+        )
+        return _query(settings, run, client, specs, threat, x, y, info, mapping, progress)
 
 
 def _query(
