@@ -74,11 +74,17 @@ def transfer(runs: Path, img: Path) -> str:
 def corruptions(runs: Path, img: Path) -> str:
     res = _load(runs / "corruptions.json")
     names = dict(zip(("std", "def"), MODELS, strict=True))
-    lines = ["| corruption | level | standard acc (kept) | defective acc (kept) |",
+    lines = ["| corruption | level | standard acc [95%] (kept) | defective acc [95%] (kept) |",
              "|---|---|---|---|"]  # fmt: skip
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        # `KEY_ci`: the 95% Wilson interval (absent in files written before it was added)
+        ci = r.get(f"{key}_ci")
+        interval = "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+        return f"{r[key]:.3f}{interval} ({r[f'{key}_relative']:.2f})"
+
     for r in res["rows"]:
-        std = f"{r['std']:.3f} ({r['std_relative']:.2f})"
-        dfc = f"{r['def']:.3f} ({r['def_relative']:.2f})"
+        std, dfc = cell(r, "std"), cell(r, "def")
         lines.append(f"| {r['corruption']} | {r['level']:g} | {std} | {dfc} |")
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, kind, label in ((axes[0], "patch_shuffle", "patch grid k (k x k patches)"),

@@ -71,8 +71,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=DATASETS, default="digits", help="data set")
+def _add_data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
+    p.add_argument("--dataset", choices=DATASETS, default=default,
+                   help=f"data set (default {default}; digits and cifar10-subset are "
+                   "embedded)")  # fmt: skip
     p.add_argument(
         "--data-dir", help="cifar10: folder of the python batches; imagefolder: tree or .tar(.gz)"
     )
@@ -111,6 +113,15 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-seconds", type=_positive_float, default=300.0,
                    help="save checkpoint-last this often")  # fmt: skip
     p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
+    p.add_argument("--stop-at-accuracy", type=_positive_float, metavar="ACC",
+                   help="stop once test accuracy reaches ACC (0-1): an accuracy-matched "
+                   "control")  # fmt: skip
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="STEPS",
+        help="with --stop-at-accuracy: check every STEPS steps (default 1/4 epoch)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
@@ -129,7 +140,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, schedule=schedule, crop_pad=args.crop_pad,
         flip=False if args.no_flip else FROM_PRESET, seed=args.seed, device=args.device,
         amp=not args.no_amp, out=args.out, checkpoint_seconds=args.checkpoint_seconds,
-        max_steps=args.max_steps,
+        max_steps=args.max_steps, stop_at_accuracy=args.stop_at_accuracy,
+        eval_every=args.eval_every,
     )  # fmt: skip
     metrics = train(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps(metrics, indent=2))
@@ -489,11 +501,14 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline: train, export, serve, attack, compare")
     p.add_argument("--out", default="runs/demo", help="run folder (a rerun resumes from it)")
-    _add_data_args(p)
+    _add_data_args(p, default="cifar10-subset")
     p.add_argument("--arch", choices=ARCH_NAMES, default="resnet18", help="both targets' arch")
     p.add_argument("--width", type=_positive_float, default=0.25, help="channel multiplier")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs of every model")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs of every model")
     p.add_argument("--keep-prob", type=_keep_prob, default=0.1, help="defective target")
+    p.add_argument("--no-match-accuracy", action="store_true",
+                   help="train the standard target for every epoch instead of stopping it at "
+                   "the defective one's clean accuracy")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="targets, data sample and attacks")
     p.add_argument("--surrogate-arch", choices=ARCH_NAMES, help="default: same as --arch")
     p.add_argument("--surrogate-width", type=_positive_float, help="default: --width")
@@ -524,7 +539,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError("the demo takes a data set as it is: no --image-size or --download")
     settings = DemoSettings(
         out=args.out, dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
-        width=args.width, epochs=args.epochs, keep_prob=args.keep_prob, seed=args.seed,
+        width=args.width, epochs=args.epochs, keep_prob=args.keep_prob,
+        match_accuracy=not args.no_match_accuracy, seed=args.seed,
         surrogate_arch=args.surrogate_arch, surrogate_width=args.surrogate_width,
         surrogate_seed=args.surrogate_seed, device=args.device, attacks=tuple(args.attack),
         eps_255=tuple(args.eps), num_images=args.num_images, query_attack=args.query_attack,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 ARCH_NAMES = ("densenet121", "resnet18", "resnet18_imagenet", "resnet50", "senet18", "vgg19")
-DATASETS = ("digits", "cifar10", "imagefolder")
+DATASETS = ("digits", "cifar10-subset", "cifar10", "imagefolder")
 SCHEDULES = ("paper", "fast")
 
 # The Triton repository layout: REPO/NAME/{CONFIG_FILE, LABELS_FILE} and

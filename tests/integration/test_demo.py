@@ -18,8 +18,9 @@ from defcnn.cli import EXIT_INTERRUPTED, EXIT_USAGE, main
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--width", "0.125", "--epochs", "1", "--attack", "fgsm", "--eps", "16",
-        "--num-images", "16", "--budget", "20", "--query-images", "4", "--quiet"]  # fmt: skip
+TINY = ["--dataset", "digits", "--width", "0.125", "--epochs", "1", "--attack", "fgsm",
+        "--eps", "16", "--num-images", "16", "--budget", "20", "--query-images", "4",
+        "--quiet"]  # fmt: skip
 
 
 def _alive(pid: int) -> bool:
@@ -66,9 +67,18 @@ def test_demo_runs_every_stage_and_prints_the_comparison(finished: tuple[Path, s
     for name in ("standard", "defective"):
         assert (out / "repo" / name / "1" / "model.onnx").exists()
     defective = json.loads((out / "models" / "defective" / "config.json").read_text())
+    standard = json.loads((out / "models" / "standard" / "config.json").read_text())
     surrogate = json.loads((out / "models" / "surrogate" / "config.json").read_text())
     assert defective["defective"] and defective["keep_prob"] == 0.1
     assert not surrogate["defective"] and surrogate["seed"] == 1  # independently trained
+    # the standard target, same seed, stops at the defective one's accuracy (less 1 point)
+    metrics = {m: json.loads((out / "models" / m / "metrics.json").read_text())
+               for m in ("standard", "defective")}  # fmt: skip
+    assert standard["seed"] == defective["seed"] and not standard["defective"]
+    target = round(metrics["defective"]["test_accuracy"] - 0.01, 4)
+    assert standard["stop_at_accuracy"] == pytest.approx(max(0.01, target))
+    if metrics["standard"]["stopped_at_step"] is not None:
+        assert metrics["standard"]["test_accuracy"] >= standard["stop_at_accuracy"]
     summary = json.loads((out / "summary.json").read_text())
     transfer = json.loads((out / "transfer" / "results.json").read_text())
     query = json.loads((out / "query" / "results.json").read_text())
@@ -78,7 +88,17 @@ def test_demo_runs_every_stage_and_prints_the_comparison(finished: tuple[Path, s
     rows = {(r["setting"], r["measure"]): r for r in summary["rows"]}
     under = rows[("transfer FGSM 16/255", "accuracy under attack")]
     for r in transfer["rows"]:
-        assert under[r["target"]] == r["accuracy_adversarial"]
+        assert under[r["target"]] == pytest.approx(r["accuracy_adversarial"])
+        assert under[f"{r['target']}_ci"] == pytest.approx(r["accuracy_adversarial_ci"])
+    low, high = under["difference_ci"]
+    assert low <= under["defective"] - under["standard"] == under["difference"] <= high
+    clean = rows[("clean", "test accuracy (whole test split)")]
+    assert clean["standard"] == pytest.approx(metrics["standard"]["test_accuracy"])
+    assert summary["matched"] == (abs(clean["difference"]) <= 0.02)
+    # the verdict: a tally that adds up, and the words for what the intervals allow
+    tally = summary["transfer_tally"]
+    assert sum(tally.values()) == 1
+    assert "comparable" in stdout and "ties (the difference's interval holds zero)" in stdout
     rate = rows[("query square (20 queries/image)", "success rate")]
     for m, entry in query["models"].items():
         assert rate[m] == entry["by_budget"][-1]["success_rate"]
@@ -86,7 +106,7 @@ def test_demo_runs_every_stage_and_prints_the_comparison(finished: tuple[Path, s
         transfer["queries"]["standard"]["images"] + query["queries"]["standard"]["images"]
     )
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| setting | measure | standard | defective |" in (out / "summary.md").read_text()
+    assert "| setting | measure | standard [95% CI] | defective [95% CI] |" in summary_md
     server = json.loads((out / "server.json").read_text())
     assert not _alive(server["pid"])  # the demo stopped the server it started
 

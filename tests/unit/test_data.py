@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,7 @@ COLOURS = {"cat": (200, 10, 10), "dog": (10, 200, 10), "emu": (10, 10, 200)}
 def test_digits_shapes_split_and_channels() -> None:
     ds = load_dataset("digits")
     again = load_dataset("digits")
-    assert DATASETS == ("digits", "cifar10", "imagefolder")
+    assert DATASETS == ("digits", "cifar10-subset", "cifar10", "imagefolder")
     assert ds.name == "digits" and ds.source == "scikit-learn digits"
     assert ds.classes == tuple(str(d) for d in range(10))
     assert ds.train_x.dtype == np.uint8 and ds.train_y.dtype == np.int64
@@ -84,6 +87,54 @@ def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert default_cache_dir() == tmp_path
     monkeypatch.delenv("DEFCNN_CACHE_DIR")
     assert default_cache_dir() == Path.home() / ".cache" / "defcnn"
+
+
+# ---------------------------------------------------------------- embedded CIFAR-10 subset
+
+
+def test_the_embedded_cifar10_subset_loads_offline_with_its_stated_counts(tmp_path: Path) -> None:
+    ds = load_dataset("cifar10-subset", cache_dir=tmp_path, progress=False)
+    assert ds.name == "cifar10-subset" and "JPEG q75" in ds.source
+    assert ds.classes == CIFAR_CLASSES  # the standard label order
+    assert ds.train_x.shape == (10_000, 3, 32, 32) and ds.test_x.shape == (2_000, 3, 32, 32)
+    assert np.bincount(ds.train_y).tolist() == [1000] * 10
+    assert np.bincount(ds.test_y).tolist() == [200] * 10
+    train_rows = {row.tobytes() for row in ds.train_x}
+    assert not any(row.tobytes() in train_rows for row in ds.test_x)  # splits kept apart
+    cached = load_dataset("cifar10-subset", cache_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(cached.test_x, ds.test_x)
+
+
+def test_the_embedded_subset_is_small_and_matches_its_manifest() -> None:
+    from defcnn.data.cifar10_subset import SUBSET_ARCHIVE, SUBSET_MANIFEST
+
+    manifest = json.loads(SUBSET_MANIFEST.read_text())
+    data = SUBSET_ARCHIVE.read_bytes()
+    assert len(data) == manifest["bytes"] < 5_000_000
+    assert hashlib.sha256(data).hexdigest() == manifest["sha256"]
+
+
+def test_a_damaged_embedded_subset_is_refused(tmp_path: Path, monkeypatch) -> None:
+    from defcnn.data import cifar10_subset
+
+    damaged = tmp_path / "subset.tar.gz"
+    data = bytearray(cifar10_subset.SUBSET_ARCHIVE.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(cifar10_subset, "SUBSET_ARCHIVE", damaged)
+    with pytest.raises(DataError, match="sha256"):
+        load_dataset("cifar10-subset", cache_dir=tmp_path, progress=False)
+
+
+@pytest.mark.skipif(not REAL_CIFAR_JPEG.is_file(), reason=f"{REAL_CIFAR_JPEG} is absent")
+def test_the_subset_script_reproduces_the_committed_selection() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_cifar10_subset.py"), "--check",
+         "--source", str(REAL_CIFAR_JPEG)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "matches" in done.stdout
 
 
 # ---------------------------------------------------------------- CIFAR-10 official batches

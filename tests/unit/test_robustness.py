@@ -7,15 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from defcnn.cli import EXIT_USAGE, main
 from defcnn.errors import ConfigError
 from defcnn.robustness import (
+    CorruptionRow,
     EvaluationResult,
     corruption_table,
+    evaluate_corruptions,
     gaussian_noise,
     patch_shuffle,
 )
+from defcnn.stats import wilson
+from defcnn.training import evaluate
 
 
 def _images(n: int = 5, side: int = 32) -> np.ndarray:
@@ -94,6 +99,10 @@ def test_evaluate_compares_models_under_corruptions(
     assert clean["std"] > 0.5 and clean["std_relative"] == 1.0
     for row in result["rows"]:
         assert row["def_relative"] == pytest.approx(row["def"] / clean["def"])
+        for name in ("std", "def"):  # the 95% Wilson interval of the count out of 100
+            rate = wilson(round(row[name] * 100), 100)
+            assert row[f"{name}_ci"] == [rate.low, rate.high]
+            assert f"{row[name]:.3f} [{rate.low:.3f}, {rate.high:.3f}] (" in table
     # digits cut into a 4x4 jigsaw are hard to read: accuracy must drop
     assert result["rows"][2]["std"] < clean["std"]
     assert Path(report.with_suffix(".md")).read_text().startswith("| corruption |")
@@ -111,3 +120,47 @@ def test_evaluate_rejects_a_grid_that_does_not_tile(tmp_path: Path) -> None:
     assert main(["train", *small, "--max-steps", "1", "--epochs", "1", "--out", str(out)]) == 0
     argv = ["evaluate", str(out / "model.safetensors"), "--patch-shuffle", "5"]
     assert main(argv) == EXIT_USAGE
+
+
+class _MeanBright(torch.nn.Module):
+    """Class 1 when the image's mean pixel is above 0.5, else 0: a model with no weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([0.5 - m, m - 0.5], dim=1)
+
+
+def test_rows_carry_the_exact_count_s_wilson_interval() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (37, 3, 8, 8), dtype=np.uint8)
+    x[:20] //= 2  # darker: the model says 0
+    y = np.array([0] * 15 + [1] * 22)  # right on some, wrong on others
+    model = _MeanBright()
+    rows = evaluate_corruptions(
+        {"m": model}, x, y, grids=(2,), sigmas=(0.1,), batch_size=8, progress=False
+    )
+    clean = rows[0]
+    expected = evaluate(model, x, y, batch_size=8)["accuracy"]  # the training loop's number
+    assert clean.accuracy["m"] == expected
+    correct = int(((x.reshape(37, -1).mean(1) / 255 > 0.5) == y).sum())
+    assert clean.accuracy["m"] == correct / 37
+    rate = wilson(correct, 37)
+    assert clean.accuracy_ci["m"] == (rate.low, rate.high)
+    for row in rows:
+        low, high = row.accuracy_ci["m"]
+        assert low <= row.accuracy["m"] <= high
+    table = corruption_table(rows, ["m"])
+    assert f"| clean | - | {rate.value:.3f} [{rate.low:.3f}, {rate.high:.3f}] (1.00) |" in table
+    result = EvaluationResult("test", 37, 0, {"m": "m.safetensors"}, tuple(rows))
+    assert EvaluationResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+def test_rows_from_files_without_intervals_still_read_and_show() -> None:
+    old = {"corruption": "clean", "level": 0, "std": 0.8, "std_relative": 1.0}
+    row = CorruptionRow.from_dict(old)
+    assert row.accuracy == {"std": 0.8} and row.accuracy_ci == {}
+    assert row.to_dict() == old
+    assert corruption_table([row], ["std"]).endswith("| clean | - | 0.800 (1.00) |")
+    new = CorruptionRow.from_dict(old | {"std_ci": [0.7, 0.9]})
+    assert new.accuracy_ci == {"std": (0.7, 0.9)} and new.accuracy == {"std": 0.8}
+    assert corruption_table([new], ["std"]).endswith("| clean | - | 0.800 [0.700, 0.900] (1.00) |")

@@ -1,6 +1,11 @@
 """The demo's stages in order: train three models, export two, serve them, attack both
 endpoints (transfer and query-based), and compare them side by side.
 
+The defective target trains first; the standard target, same seed, then trains until its
+clean accuracy reaches the defective one's (unless `match_accuracy` is off), so the table
+compares models of comparable accuracy: under-training alone makes a model resist
+transfer, and that must not be credited to the masks.
+
 Every stage leaves its output in the run folder and is skipped when a rerun finds it
 there, so an interrupted demo continues where it stopped.
 """
@@ -16,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from defcnn.atomic import write_json
-from defcnn.demo.summary import DemoSummary, summarize, write_summary
+from defcnn.demo.summary import MATCH_TOLERANCE, DemoSummary, summarize, write_summary
 from defcnn.errors import ConfigError
 from defcnn.names import MODEL_FILE
 from defcnn.server.launcher import local_server, sigterm_as_interrupt
@@ -32,12 +37,13 @@ class DemoSettings:
     """What the demo trains and how hard it attacks; the defaults fit 2 CPU cores."""
 
     out: str = "runs/demo"
-    dataset: str = "digits"
+    dataset: str = "cifar10-subset"
     data_dir: str | None = None
     arch: str = "resnet18"
     width: float = 0.25
-    epochs: int = 3
+    epochs: int = 5
     keep_prob: float = 0.1
+    match_accuracy: bool = True
     seed: int = 0
     surrogate_arch: str | None = None
     surrogate_width: float | None = None
@@ -85,8 +91,15 @@ def _without_out(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "out"}
 
 
+def _stop_at(defective_accuracy: float) -> float:
+    """Where the standard target stops: just under the defective one's accuracy, since a
+    check lands a little past the point where the target is crossed."""
+    return max(0.01, round(defective_accuracy - MATCH_TOLERANCE / 2, 4))
+
+
 def train_models(s: DemoSettings, models: Path, *, progress: bool) -> dict[str, dict[str, Any]]:
-    """Standard and defective targets (same seed), and a surrogate trained independently."""
+    """The defective target, the standard one (same seed; stopped at the defective one's
+    accuracy when matching) and a surrogate trained independently."""
     from defcnn.training import TrainConfig, train
 
     base = TrainConfig(
@@ -94,10 +107,10 @@ def train_models(s: DemoSettings, models: Path, *, progress: bool) -> dict[str, 
         seed=s.seed, device=s.device, schedule="fast" if s.epochs < 100 else "paper", out="",
     )  # fmt: skip
     configs = {
-        "standard": replace(base, out=str(models / "standard")),
         "defective": replace(
             base, defective=True, keep_prob=s.keep_prob, out=str(models / "defective")
         ),
+        "standard": replace(base, out=str(models / "standard")),
         "surrogate": replace(
             base,
             arch=s.surrogate_arch or s.arch,
@@ -106,8 +119,10 @@ def train_models(s: DemoSettings, models: Path, *, progress: bool) -> dict[str, 
             out=str(models / "surrogate"),
         ),
     }
-    metrics = {}
+    metrics: dict[str, dict[str, Any]] = {}
     for name, cfg in configs.items():
+        if name == "standard" and s.match_accuracy:
+            cfg = replace(cfg, stop_at_accuracy=_stop_at(metrics["defective"]["test_accuracy"]))
         out = Path(cfg.out)
         saved = out / "config.json"
         if saved.exists() and _without_out(json.loads(saved.read_text())) != _without_out(
@@ -116,11 +131,14 @@ def train_models(s: DemoSettings, models: Path, *, progress: bool) -> dict[str, 
             raise ConfigError(f"{out} holds a model trained with other settings; use another --out")
         if (out / "model.safetensors").exists() and (out / "metrics.json").exists():
             _log(f"  {name}: reusing {out}")
-            metrics[name] = json.loads((out / "metrics.json").read_text())
-            continue
-        _log(f"  {name}: {cfg.arch} width {cfg.width:g}, seed {cfg.seed}"
-             + (f", defective keep {cfg.keep_prob:g}" if cfg.defective else ""))  # fmt: skip
-        metrics[name] = train(cfg, resume=True, progress=progress)
+        else:
+            _log(f"  {name}: {cfg.arch} width {cfg.width:g}, seed {cfg.seed}"
+             + (f", defective keep {cfg.keep_prob:g}" if cfg.defective else "")
+             + (f", until test accuracy {cfg.stop_at_accuracy:.3f}"
+                if cfg.stop_at_accuracy is not None else ""))  # fmt: skip
+            train(cfg, resume=True, progress=progress)
+        # metrics.json (with the per-epoch history), whether trained now or before
+        metrics[name] = json.loads((out / "metrics.json").read_text())
     return metrics
 
 
@@ -196,7 +214,7 @@ def run_demo(
         times[name] = round(time.monotonic() - start - sum(times.values()), 1)
 
     with sigterm_as_interrupt():
-        _log(f"[1/5] training standard, defective and surrogate models on {s.dataset}")
+        _log(f"[1/5] training defective, standard and surrogate models on {s.dataset}")
         train_metrics = train_models(s, models, progress=progress)
         stage("train")
         _log(f"[2/5] exporting both targets to {repo}")
@@ -214,7 +232,7 @@ def run_demo(
             transfer, query = attack_endpoints(s, server.url, models, out, progress=progress)
             stage("attack")
         _log("[5/5] summary")
-        summary = summarize(s, train_metrics, transfer, query, times)
+        summary = summarize(s, train_metrics, transfer, query)
         write_summary(out, summary)
         stage("summary")
     result = DemoResult(

@@ -1,4 +1,5 @@
-"""The demo's side-by-side comparison: one table (console and summary.md) and one plot."""
+"""The demo's side-by-side comparison: one table (console and summary.md), one plot, and a
+verdict in which a difference inside its 95% interval is a tie, not a win."""
 
 from __future__ import annotations
 
@@ -9,23 +10,33 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from defcnn import display
 from defcnn.atomic import atomic_write
+from defcnn.stats import Rate, difference, wilson
 
 if TYPE_CHECKING:
     from defcnn.attack.results import QueryResult, TransferResult
     from defcnn.demo.pipeline import DemoSettings
 
 MODELS = ("standard", "defective")
+# Clean accuracies this close count as comparable (the issue's "within 2 points").
+MATCH_TOLERANCE = 0.02
 Better = Literal["higher", "lower"]
 ShownAs = Literal["number", "queries", "distance"]
+Outcome = Literal["defective", "standard", "tie"]
+Interval = tuple[float, float]
 
 _SHOW: dict[str, Callable[[float | None], str]] = {
     "number": display.number, "queries": display.queries, "distance": display.distance,
 }  # fmt: skip
 
 
+def _with_ci(text: str, ci: Interval | None) -> str:
+    return text if ci is None else f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 @dataclass(frozen=True)
 class SummaryRow:
-    """One measure in one setting, for both targets (None: nothing to measure)."""
+    """One measure in one setting for both targets (None: nothing to measure), with each
+    value's 95% interval and the difference defective - standard with its interval."""
 
     setting: str
     measure: str
@@ -33,15 +44,38 @@ class SummaryRow:
     defective: float | None
     better: Better
     shown_as: ShownAs = "number"
+    standard_ci: Interval | None = None
+    defective_ci: Interval | None = None
+    difference: float | None = None
+    difference_ci: Interval | None = None
 
     def cell(self, model: str) -> str:
         value = self.standard if model == "standard" else self.defective
-        return _SHOW[self.shown_as](value)
+        ci = self.standard_ci if model == "standard" else self.defective_ci
+        return _with_ci(_SHOW[self.shown_as](value), ci)
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """Which target this row favours; a tie when the interval holds zero (None: no
+        interval was computed for this measure)."""
+        if self.difference_ci is None:
+            return None
+        low, high = self.difference_ci
+        if low <= 0 <= high:
+            return "tie"
+        defective_larger = low > 0
+        return "defective" if defective_larger == (self.better == "higher") else "standard"
+
+    def difference_cell(self) -> str:
+        if self.difference is None or self.difference_ci is None:
+            return display.MISSING
+        low, high = self.difference_ci
+        return f"{self.difference:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 @dataclass(frozen=True)
 class Tally:
-    """Transfer settings in which each target kept the higher accuracy."""
+    """Transfer settings in which each target kept the higher accuracy beyond the interval."""
 
     defective: int = 0
     standard: int = 0
@@ -57,16 +91,39 @@ class DemoSummary:
     query_images: int
     dataset: str
     queries: dict[str, int]  # images sent to each endpoint model, both attacks together
+    matched: bool  # clean accuracies within MATCH_TOLERANCE
+    standard_stopped_at_epoch: float | None = None  # None: trained for every epoch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _row(
-    setting: str, measure: str, values: Mapping[str, float | None], better: Better,
-    shown_as: ShownAs = "number",
-) -> SummaryRow:  # fmt: skip
-    return SummaryRow(setting, measure, values["standard"], values["defective"], better, shown_as)
+def _rate(value: float | None, trials: int) -> Rate | None:
+    if value is None or value != value or trials < 1:
+        return None
+    return wilson(round(value * trials), trials)
+
+
+def _rate_row(
+    setting: str, measure: str, rates: Mapping[str, Rate | None], better: Better
+) -> SummaryRow:
+    std, dfc = rates["standard"], rates["defective"]
+    diff = difference(dfc, std) if std is not None and dfc is not None else None
+    return SummaryRow(
+        setting, measure,
+        standard=None if std is None else std.value,
+        defective=None if dfc is None else dfc.value,
+        better=better,
+        standard_ci=None if std is None else (std.low, std.high),
+        defective_ci=None if dfc is None else (dfc.low, dfc.high),
+        difference=None if diff is None else diff.value,
+        difference_ci=None if diff is None else (diff.low, diff.high),
+    )  # fmt: skip
+
+
+def _clean_rate(metrics: dict[str, Any]) -> Rate | None:
+    history = metrics.get("history") or [{}]
+    return _rate(metrics.get("test_accuracy"), int(history[-1].get("test_count", 0)))
 
 
 def summarize(
@@ -74,40 +131,40 @@ def summarize(
     train_metrics: dict[str, dict[str, Any]],
     transfer: TransferResult,
     query: QueryResult,
-    times: dict[str, float],
 ) -> DemoSummary:
-    """Rows of (setting, measure, standard, defective), and a tally of who resisted more."""
-    rows = [
-        _row("clean", "test accuracy (whole test split)",
-             {m: train_metrics[m]["test_accuracy"] for m in MODELS}, "higher"),
-    ]  # fmt: skip
+    """The rows, and a tally of the transfer settings in which each target resisted more."""
+    clean = _rate_row("clean", "test accuracy (whole test split)",
+                      {m: _clean_rate(train_metrics[m]) for m in MODELS}, "higher")  # fmt: skip
+    rows = [clean]
     by_key = {(r.target, r.attack, r.eps_255): r for r in transfer.rows}
     wins = {"defective": 0, "standard": 0, "tie": 0}
     for attack in s.attacks:
         for eps in s.eps_255:
             cells = {m: by_key[(m, attack, eps)] for m in MODELS}
             setting = f"transfer {attack.upper()} {eps:g}/255"
-            acc = {m: c.accuracy_adversarial for m, c in cells.items()}
-            rows.append(_row(setting, "accuracy under attack", acc, "higher"))
-            metric = {m: c.transfer_accuracy for m, c in cells.items()}
-            rows.append(_row(setting, "paper's transfer metric", metric, "higher"))
-            if acc["defective"] > acc["standard"]:
-                wins["defective"] += 1
-            elif acc["defective"] < acc["standard"]:
-                wins["standard"] += 1
-            else:
-                wins["tie"] += 1
-    last = {m: query.models[m].last for m in MODELS}
+            under = _rate_row(setting, "accuracy under attack",
+                              {m: _rate(c.accuracy_adversarial, c.images)
+                               for m, c in cells.items()}, "higher")  # fmt: skip
+            rows.append(under)
+            rows.append(_rate_row(setting, "paper's transfer metric",
+                                  {m: _rate(c.transfer_accuracy, c.transfer_subset)
+                                   for m, c in cells.items()}, "higher"))  # fmt: skip
+            wins[under.outcome or "tie"] += 1
     setting = f"query {s.query_attack} ({s.query_budget} queries/image)"
-    rows.append(_row(setting, "success rate", {m: v.success_rate for m, v in last.items()},
-                     "lower"))  # fmt: skip
-    rows.append(_row(setting, "median queries to succeed",
-                     {m: v.median_queries for m, v in last.items()}, "higher",
-                     "queries"))  # fmt: skip
+    models = {m: query.models[m] for m in MODELS}
+    rows.append(_rate_row(setting, "success rate",
+                          {m: _rate(e.last.success_rate, e.last.images)
+                           for m, e in models.items()}, "lower"))  # fmt: skip
+    rows.append(SummaryRow(setting, "median queries to succeed",
+                           models["standard"].last.median_queries,
+                           models["defective"].last.median_queries, "higher",
+                           "queries"))  # fmt: skip
     if query.decision_based:
-        rows.append(_row(setting, "median L2 of the closest adversarial",
-                         {m: v.median_l2 for m, v in last.items()}, "higher",
-                         "distance"))  # fmt: skip
+        rows.append(SummaryRow(setting, "median L2 of the closest adversarial",
+                               models["standard"].last.median_l2,
+                               models["defective"].last.median_l2, "higher",
+                               "distance"))  # fmt: skip
+    gap = None if clean.difference is None else abs(clean.difference)
     return DemoSummary(
         rows=tuple(rows),
         transfer_tally=Tally(**wins),
@@ -116,23 +173,58 @@ def summarize(
         query_images=query.dataset.images,
         dataset=transfer.dataset.source,
         queries={m: transfer.queries[m].images + query.queries[m].images for m in MODELS},
+        matched=gap is not None and gap <= MATCH_TOLERANCE,
+        standard_stopped_at_epoch=train_metrics["standard"].get("stopped_at_epoch"),
     )
 
 
 def table(summary: DemoSummary) -> str:
     """The comparison as a Markdown table (also readable on a terminal)."""
-    lines = ["| setting | measure | standard | defective | better |", "|---|---|---|---|---|"]
+    lines = [
+        "| setting | measure | standard [95% CI] | defective [95% CI] | "
+        "defective - standard [95% CI] | better | favours |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in summary.rows:
         lines.append(f"| {r.setting} | {r.measure} | {r.cell('standard')} | "
-                     f"{r.cell('defective')} | {r.better} |")  # fmt: skip
+                     f"{r.cell('defective')} | {r.difference_cell()} | {r.better} | "
+                     f"{r.outcome or display.MISSING} |")  # fmt: skip
     return "\n".join(lines)
 
 
+def _row(summary: DemoSummary, measure: str) -> SummaryRow | None:
+    return next((r for r in summary.rows if r.measure == measure), None)
+
+
 def verdict(summary: DemoSummary) -> str:
+    """What the table shows, in three sentences; a difference inside its 95% interval is
+    called a tie."""
+    clean = summary.rows[0]
+    stopped = summary.standard_stopped_at_epoch
+    how = ("the standard target was stopped at the defective one's accuracy, after "
+           f"{stopped:.2f} epochs; " if stopped is not None else "")  # fmt: skip
+    comparable = (f"comparable (within {MATCH_TOLERANCE:.2f})" if summary.matched
+                  else f"NOT comparable (more than {MATCH_TOLERANCE:.2f} apart), so "
+                  "robustness differences may come from accuracy, not from the masks")  # fmt: skip
     t = summary.transfer_tally
     n = t.defective + t.standard + t.tie
-    return (f"Transfer attacks: the defective model kept higher accuracy in {t.defective} of "
-            f"{n} settings, the standard one in {t.standard}, {t.tie} tied.")  # fmt: skip
+    lines = [
+        f"Clean accuracy: standard {clean.cell('standard')}, defective "
+        f"{clean.cell('defective')}; {how}{comparable}.",
+        f"Transfer attacks (accuracy under attack, 95% intervals): the defective model was "
+        f"more robust in {t.defective} of {n} settings, the standard one in {t.standard}, "
+        f"and {t.tie} were ties (the difference's interval holds zero).",
+    ]
+    success = _row(summary, "success rate")
+    if success is not None:
+        outcome = success.outcome
+        said = {"defective": "the defective model resisted more",
+                "standard": "the standard model resisted more",
+                "tie": "a tie", None: "no comparison (no image was attacked)"}[outcome]  # fmt: skip
+        lines.append(f"Query attack ({success.setting.removeprefix('query ')}): success rate "
+                     f"standard {success.cell('standard')}, defective "
+                     f"{success.cell('defective')}: {said}.")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _plot(path: Path, summary: DemoSummary) -> None:
@@ -146,13 +238,17 @@ def _plot(path: Path, summary: DemoSummary) -> None:
     xs = range(len(rows))
     for k, (m, color) in enumerate(zip(MODELS, ("tab:gray", "tab:blue"), strict=True)):
         values = [(r.standard if m == "standard" else r.defective) or 0.0 for r in rows]
+        cis = [r.standard_ci if m == "standard" else r.defective_ci for r in rows]
+        errors = [[v - (c[0] if c else v) for v, c in zip(values, cis, strict=True)],
+                  [(c[1] if c else v) - v for v, c in zip(values, cis, strict=True)]]  # fmt: skip
         ax.bar([x + (k - 0.5) * 0.38 for x in xs], values, width=0.38, label=m,
-               color=color)  # fmt: skip
+               color=color, yerr=errors, capsize=2)  # fmt: skip
     ax.set_xticks(list(xs), [r.setting.removeprefix("transfer ") for r in rows],
                   rotation=45, ha="right")  # fmt: skip
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy under transfer attack")
-    ax.set_title(f"{summary.transfer_images} test images, surrogate crafted locally")
+    ax.set_title(f"{summary.transfer_images} test images, surrogate crafted locally "
+                 "(bars: 95% Wilson intervals)")  # fmt: skip
     ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
@@ -167,7 +263,10 @@ def write_summary(out: Path, summary: DemoSummary) -> None:
         f"Data: {summary.dataset}. Transfer attacks on {summary.transfer_images} test "
         f"images from {', '.join(summary.surrogates)}; query attack on "
         f"{summary.query_images} images. Images sent to the endpoint: "
-        + ", ".join(f"{m} {q}" for m, q in summary.queries.items()) + ".",
+        + ", ".join(f"{m} {q}" for m, q in summary.queries.items()) + ". "
+        "Intervals: 95% Wilson for each rate, Newcombe's hybrid score for differences "
+        "(computed as for independent samples; both targets see the same images, so it is "
+        "conservative).",
         "",
         table(summary),
         "",

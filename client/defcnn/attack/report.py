@@ -20,6 +20,7 @@ from defcnn.attack.results import (
     rate_text,
     totals_text,
 )
+from defcnn.stats import Estimate
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -34,6 +35,14 @@ def _table(rows: Sequence[Any], columns: dict[str, Callable[[Any], str]]) -> str
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _figure_text(value: float, ci: tuple[float, float] | None) -> str:
+    """A Boundary figure in e-notation (its values are ~1e-4: 3 decimals would show 0.000),
+    with its interval where there is one."""
+    if value != value:  # NaN: no image had an adversarial
+        return display.MISSING
+    return f"{value:.2e}" if ci is None else Estimate(value, *ci).text(".2e")
 
 
 def _numbers(*names: str, show: Callable[[Any], str] = display.number) -> dict[str, Any]:
@@ -164,8 +173,9 @@ def query_report(out: Path, results: QueryResult) -> None:
         if entry.boundary_figure is not None:
             bf = entry.boundary_figure
             text += [
-                f"Boundary figure ||delta||^2/(3HW): mean {display.number(bf.mean)}, median "
-                f"{display.number(bf.median)} over {bf.images} images",
+                f"Boundary figure ||delta||^2/(3HW) [95% bootstrap interval]: mean "
+                f"{_figure_text(bf.mean, bf.mean_ci)}, median "
+                f"{_figure_text(bf.median, bf.median_ci)} over {bf.images} images",
                 "",
             ]
     text += [*_query_lines(results), ""]

@@ -272,7 +272,9 @@ class ModelQueryResult:
             by_budget=tuple(BudgetRow(**{k: v for k, v in r.items() if k in names})
                             for r in data["by_budget"]),
             traces={int(i): Trace.from_dict(t) for i, t in data["traces"].items()},
-            boundary_figure=None if figure is None else BoundaryFigure(**figure),
+            boundary_figure=None if figure is None else BoundaryFigure(**figure | {
+                "mean_ci": _ci(figure.get("mean_ci")), "median_ci": _ci(figure.get("median_ci"))
+            }),
         )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from defcnn.data._cache import cached, default_cache_dir
 from defcnn.data.cifar10 import locate_cifar10, read_cifar10
+from defcnn.data.cifar10_subset import load_cifar10_subset, verified_subset_archive
 from defcnn.data.dataset import ImageDataset
 from defcnn.data.digits import load_digits_dataset
 from defcnn.data.imagefolder import load_imagefolder
@@ -34,7 +35,8 @@ def load_dataset(
 ) -> ImageDataset:
     """Load a data set by name, decoded once and cached as uint8 arrays.
 
-    digits ignores data_dir; cifar10 defaults data_dir to <cache dir>/cifar10; imagefolder needs it.
+    digits and cifar10-subset (both embedded) ignore data_dir; cifar10 defaults data_dir
+    to <cache dir>/cifar10; imagefolder needs it.
     """
     if name not in DATASETS:
         raise ConfigError(f"dataset {name!r} is unknown; expected one of {', '.join(DATASETS)}")
@@ -42,6 +44,10 @@ def load_dataset(
     if name == "digits":
         return load_digits_dataset(image_size=size)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if name == "cifar10-subset":
+        archive = verified_subset_archive()
+        return cached(cache_root, name, archive, size,
+                      lambda: load_cifar10_subset(image_size=size, progress=progress))  # fmt: skip
     if name == "cifar10":
         root = Path(data_dir) if data_dir is not None else default_cache_dir() / "cifar10"
         folder = locate_cifar10(root, download=download, progress=progress)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,17 +12,19 @@ from tqdm.auto import tqdm
 
 from defcnn import display
 from defcnn.robustness.corruptions import gaussian_noise, patch_shuffle
-from defcnn.training import evaluate
+from defcnn.stats import wilson
 
 
 @dataclass(frozen=True)
 class CorruptionRow:
-    """One (corruption, level): each model's accuracy, and its fraction of the clean one."""
+    """One (corruption, level): each model's accuracy with its 95% Wilson interval, and its
+    fraction of the clean one. `accuracy_ci` lacks a model read from a file older than it."""
 
     corruption: str
     level: float
     accuracy: dict[str, float]
     relative: dict[str, float]  # accuracy / clean accuracy (NaN when clean is 0)
+    accuracy_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def level_text(self) -> str:
         if self.corruption == "patch_shuffle":
@@ -32,10 +34,12 @@ class CorruptionRow:
         return "-"
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat, as eval JSON files have it: `NAME` and `NAME_relative` per model."""
+        """Flat, as eval JSON files have it: `NAME`, `NAME_ci` and `NAME_relative` per model."""
         out: dict[str, Any] = {"corruption": self.corruption, "level": self.level}
         for name, acc in self.accuracy.items():
             out[name] = acc
+            if name in self.accuracy_ci:
+                out[f"{name}_ci"] = list(self.accuracy_ci[name])
             out[f"{name}_relative"] = self.relative[name]
         return out
 
@@ -46,6 +50,8 @@ class CorruptionRow:
             corruption=data["corruption"], level=data["level"],
             accuracy={n: data[n] for n in names},
             relative={n: data[f"{n}_relative"] for n in names},
+            accuracy_ci={n: (float(data[f"{n}_ci"][0]), float(data[f"{n}_ci"][1]))
+                         for n in names if data.get(f"{n}_ci") is not None},
         )  # fmt: skip
 
 
@@ -77,6 +83,31 @@ class EvaluationResult:
         return corruption_table(self.rows, list(self.checkpoints))
 
 
+@torch.no_grad()
+def _correct(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+) -> int:
+    """How many of uint8 `images` [N, 3, H, W] `model` classifies right: an exact count, as
+    the Wilson interval needs (the same inputs as `defcnn.training.evaluate`)."""
+    x_all, y_all = torch.as_tensor(images), torch.as_tensor(labels)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(x_all), batch_size):
+            x = x_all[start : start + batch_size].to(device).float().div_(255)
+            y = y_all[start : start + batch_size].to(device)
+            correct += int((model(x).float().argmax(1) == y).sum().item())
+    finally:
+        model.train(was_training)
+    return correct
+
+
 def evaluate_corruptions(
     models: dict[str, torch.nn.Module],
     images: np.ndarray,
@@ -89,7 +120,8 @@ def evaluate_corruptions(
     batch_size: int = 512,
     progress: bool = True,
 ) -> list[CorruptionRow]:
-    """One row per (corruption, level): each model's accuracy, and its ratio to clean.
+    """One row per (corruption, level): each model's accuracy with its 95% Wilson interval,
+    and its ratio to clean.
 
     Every model sees the same corrupted images (the corruption is seeded once per level).
     """
@@ -102,25 +134,40 @@ def evaluate_corruptions(
     for kind, level, x in settings:
         accuracy: dict[str, float] = {}
         relative: dict[str, float] = {}
+        ci: dict[str, tuple[float, float]] = {}
         for name, model in models.items():
-            acc = evaluate(model, x, labels, batch_size=batch_size, device=device)["accuracy"]
+            correct = _correct(model, x, labels, batch_size=batch_size, device=device)
+            acc = correct / max(1, len(labels))
+            if len(labels):
+                rate = wilson(correct, len(labels))
+                ci[name] = (rate.low, rate.high)
             clean.setdefault(name, acc)
             accuracy[name] = acc
             relative[name] = acc / clean[name] if clean[name] else float("nan")
             bar.update(1)
-        rows.append(CorruptionRow(kind, level, accuracy, relative))
+        rows.append(CorruptionRow(kind, level, accuracy, relative, ci))
     bar.close()
     return rows
 
 
+def _accuracy_text(row: CorruptionRow, name: str) -> str:
+    """`name`'s accuracy in `row` with its interval, `0.802 [0.794, 0.810]` (bare when the
+    row was read from a file without intervals)."""
+    text = display.number(row.accuracy[name])
+    ci = row.accuracy_ci.get(name)
+    if ci is None:
+        return text
+    return f"{text} [{display.number(ci[0])}, {display.number(ci[1])}]"
+
+
 def corruption_table(rows: Sequence[CorruptionRow], names: Sequence[str]) -> str:
-    """The rows as a Markdown table: accuracy, and in brackets the fraction of clean kept."""
+    """The rows as a Markdown table: accuracy [95% interval], and in parentheses the fraction
+    of clean kept: `0.802 [0.794, 0.810] (1.00)`."""
     head = "| corruption | level | " + " | ".join(names) + " |"
     lines = [head, "|" + "---|" * (len(names) + 2)]
     for row in rows:
         cells = [
-            f"{display.number(row.accuracy[n])} ({display.number(row.relative[n], digits=2)})"
-            for n in names
+            f"{_accuracy_text(row, n)} ({display.number(row.relative[n], digits=2)})" for n in names
         ]
         lines.append(f"| {row.corruption} | {row.level_text()} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

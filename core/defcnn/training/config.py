@@ -32,6 +32,12 @@ class TrainConfig:
     short warm-up then linear decay to zero, for runs of a few epochs. Fields left
     unset (``None``) are resolved on construction: batch size, crop padding and flips from the
     data set's preset, and lr = 0.1 x batch / 128 (the paper's lr, scaled linearly).
+
+    ``stop_at_accuracy`` ends the run at the first check (every ``eval_every`` steps, by
+    default a quarter epoch, and at each epoch's end) whose test accuracy reaches it: how an
+    accuracy-matched control is made, a standard model stopped at a defective one's accuracy.
+    The test split picks the stopping step, so the stopped model's test accuracy is
+    selected, not held out; metrics.json says where it stopped.
     """
 
     arch: str = "resnet18"
@@ -59,6 +65,8 @@ class TrainConfig:
     out: str = "runs/default"
     checkpoint_seconds: float = 300.0
     max_steps: int | None = None
+    stop_at_accuracy: float | None = None
+    eval_every: int | None = None
 
     def __post_init__(self) -> None:
         preset = {**_PAPER_AUGMENT, **DATASET_PRESETS.get(self.dataset, {})}
@@ -78,6 +86,13 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.stop_at_accuracy is not None and not 0 < self.stop_at_accuracy <= 1:
+            raise ConfigError(f"stop_at_accuracy must be in (0, 1], got {self.stop_at_accuracy}")
+        if self.eval_every is not None:
+            if self.eval_every < 1:
+                raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
+            if self.stop_at_accuracy is None:
+                raise ConfigError("eval_every only applies with stop_at_accuracy")
 
     def model_spec(self, num_classes: int, input_size: int) -> ModelSpec:
         """The model this run trains, for a data set with `num_classes` classes."""

@@ -146,6 +146,8 @@ def _train(
         raise ConfigError(f"{out} already holds a run; pass --resume or choose another --out")
     if cfg.batch_size < ctx.world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} < world size {ctx.world_size}")
+    if cfg.stop_at_accuracy is not None and ctx.enabled:
+        raise ConfigError("stop_at_accuracy runs on one process only (not with torchrun)")
 
     data = load_dataset(
         cfg.dataset, cfg.data_dir, image_size=cfg.image_size, download=cfg.download,
@@ -185,6 +187,13 @@ def _train(
     train_y = torch.from_numpy(data.train_y).to(ctx.device)
     per_epoch = steps_per_epoch(len(train_x), cfg)
     total = min(cfg.max_steps or math.inf, cfg.epochs * per_epoch)
+    check_every = cfg.eval_every or max(1, per_epoch // 4)
+    stopped_at: int | None = None
+    checked: tuple[int, dict[str, float]] | None = None  # (step, scores) of the last check
+
+    def reached(scores: dict[str, float]) -> bool:
+        return cfg.stop_at_accuracy is not None and scores["accuracy"] >= cfg.stop_at_accuracy
+
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
 
     def save_last() -> None:
@@ -236,6 +245,10 @@ def _train(
                 img_s=f"{seen * ctx.world_size / (time.perf_counter() - t0):.0f}",
                 lr=f"{opt.param_groups[0]['lr']:.3g}",
             )  # fmt: skip
+            if cfg.stop_at_accuracy is not None and step % check_every == 0 and index < per_epoch:
+                checked = (step, evaluate(model, data.test_x, data.test_y, device=ctx.device))
+                if reached(checked[1]):
+                    stopped_at = total = step
             if time.perf_counter() - last_save > cfg.checkpoint_seconds and index < per_epoch:
                 save_last()
                 last_save = time.perf_counter()
@@ -247,7 +260,12 @@ def _train(
                 "images_per_second": seen * ctx.world_size / max(1e-9, time.perf_counter() - t0),
             }  # fmt: skip
             if ctx.is_main:
-                scores = evaluate(model, data.test_x, data.test_y, device=ctx.device)
+                if checked is not None and checked[0] == step:
+                    scores = checked[1]
+                else:
+                    scores = evaluate(model, data.test_x, data.test_y, device=ctx.device)
+                if stopped_at is None and step < total and reached(scores):
+                    stopped_at = total = step
                 record.update({f"test_{k}": v for k, v in scores.items()})
                 if progress:
                     tqdm.write(
@@ -271,6 +289,9 @@ def _train(
         "device": str(ctx.device),
         "world_size": ctx.world_size,
     }
+    if cfg.stop_at_accuracy is not None:
+        metrics["stopped_at_step"] = stopped_at  # None: the target was never reached
+        metrics["stopped_at_epoch"] = None if stopped_at is None else stopped_at / per_epoch
     if ctx.is_main:
         meta = {
             "train_config": cfg.to_dict(), "classes": list(data.classes), "metrics": metrics,
