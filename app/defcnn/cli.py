@@ -14,10 +14,13 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from defcnn.errors import ConfigError, DefcnnError
 from defcnn.names import ARCH_NAMES, DATASETS, SCHEDULES
+
+if TYPE_CHECKING:
+    from defcnn.demo.pipeline import DemoSettings
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -504,7 +507,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     _add_data_args(p, default="cifar10-subset")
     p.add_argument("--arch", choices=ARCH_NAMES, default="resnet18", help="both targets' arch")
     p.add_argument("--width", type=_positive_float, default=0.25, help="channel multiplier")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs of every model")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs of every model")
     p.add_argument("--keep-prob", type=_keep_prob, default=0.1, help="defective target")
     p.add_argument("--no-match-accuracy", action="store_true",
                    help="train the standard target for every epoch instead of stopping it at "
@@ -521,23 +524,24 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
                    help="transfer attacks")  # fmt: skip
     p.add_argument("--eps", type=_positive_float, nargs="+", default=[8.0, 16.0, 32.0],
                    help="transfer L-inf budgets in 1/255 units")  # fmt: skip
-    p.add_argument("--num-images", type=int, default=100, help="transfer-attack images")
+    p.add_argument("--num-images", type=int, default=500, help="transfer-attack images")
     p.add_argument("--query-attack", default="square",
                    choices=("square", "hopskipjump", "boundary", "simba"),
                    help="black-box attack through the endpoints")  # fmt: skip
-    p.add_argument("--budget", type=int, default=500, help="queries per image")
-    p.add_argument("--query-images", type=int, default=20, help="query-attack images")
-    p.add_argument("--query-eps", type=_positive_float, default=16.0, help="square/simba L-inf")
+    p.add_argument("--budget", type=int, default=300, help="queries per image")
+    p.add_argument("--query-images", type=int, default=100, help="query-attack images")
+    p.add_argument("--query-eps", type=_positive_float, default=8.0, help="square/simba L-inf")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from defcnn.demo.pipeline import DemoSettings, run_demo
+def demo_settings(args: argparse.Namespace) -> DemoSettings:
+    """The demo's settings from its flags (tests check the flags' defaults are the class's)."""
+    from defcnn.demo.pipeline import DemoSettings
 
     if args.image_size or args.download:
         raise ConfigError("the demo takes a data set as it is: no --image-size or --download")
-    settings = DemoSettings(
+    return DemoSettings(
         out=args.out, dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
         width=args.width, epochs=args.epochs, keep_prob=args.keep_prob,
         match_accuracy=not args.no_match_accuracy, seed=args.seed,
@@ -547,7 +551,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         query_budget=args.budget, query_images=args.query_images, query_eps_255=args.query_eps,
         extra_surrogates=tuple(args.extra_surrogate),
     )  # fmt: skip
-    run_demo(settings, progress=not args.quiet)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from defcnn.demo.pipeline import run_demo
+
+    run_demo(demo_settings(args), progress=not args.quiet)
     return EXIT_OK
 
 

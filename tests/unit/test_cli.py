@@ -220,3 +220,11 @@ def test_the_servers_logging_takes_a_lower_case_level() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "10"  # logging.DEBUG
+
+
+def test_the_demo_flags_default_to_the_demo_settings() -> None:
+    from defcnn.cli import build_parser, demo_settings
+    from defcnn.demo.pipeline import DemoSettings
+
+    assert demo_settings(build_parser().parse_args(["demo"])) == DemoSettings()
+    assert DemoSettings().dataset == "cifar10-subset"  # the embedded CIFAR-10 subset

@@ -41,7 +41,7 @@ class DemoSettings:
     data_dir: str | None = None
     arch: str = "resnet18"
     width: float = 0.25
-    epochs: int = 5
+    epochs: int = 4
     keep_prob: float = 0.1
     match_accuracy: bool = True
     seed: int = 0
@@ -51,11 +51,11 @@ class DemoSettings:
     device: str = "auto"
     attacks: tuple[str, ...] = ("fgsm", "pgd", "mifgsm")
     eps_255: tuple[float, ...] = (8.0, 16.0, 32.0)
-    num_images: int = 100
+    num_images: int = 500
     query_attack: str = "square"
-    query_budget: int = 500
-    query_images: int = 20
-    query_eps_255: float = 16.0
+    query_budget: int = 300
+    query_images: int = 100
+    query_eps_255: float = 8.0
     extra_surrogates: tuple[str, ...] = field(default_factory=tuple)
 
     def check(self) -> None:

@@ -221,7 +221,7 @@ def verdict(summary: DemoSummary) -> str:
         said = {"defective": "the defective model resisted more",
                 "standard": "the standard model resisted more",
                 "tie": "a tie", None: "no comparison (no image was attacked)"}[outcome]  # fmt: skip
-        lines.append(f"Query attack ({success.setting.removeprefix('query ')}): success rate "
+        lines.append(f"Query attack, {success.setting.removeprefix('query ')}: success rate "
                      f"standard {success.cell('standard')}, defective "
                      f"{success.cell('defective')}: {said}.")  # fmt: skip
     return "\n".join(lines)
