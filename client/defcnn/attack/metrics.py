@@ -38,7 +38,8 @@ class TransferMetrics:
 
 @dataclass(frozen=True)
 class BoundaryFigure:
-    """The paper's Boundary-attack figure over the images where an adversarial was found,
+    """The paper's Boundary-attack figure, ||delta||^2/(3HW) of the closest adversarial,
+    kept for every decision-based attack, over the images where an adversarial was found,
     with percentile-bootstrap 95% intervals (None when no image had one, and in results
     written before the intervals were added)."""
 

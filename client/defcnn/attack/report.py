@@ -173,7 +173,8 @@ def query_report(out: Path, results: QueryResult) -> None:
         if entry.boundary_figure is not None:
             bf = entry.boundary_figure
             text += [
-                f"Boundary figure ||delta||^2/(3HW) [95% bootstrap interval]: mean "
+                f"The paper's figure ||delta||^2/(3HW) of the closest adversarial [95% bootstrap "
+                f"interval]: mean "
                 f"{_figure_text(bf.mean, bf.mean_ci)}, median "
                 f"{_figure_text(bf.median, bf.median_ci)} over {bf.images} images",
                 "",

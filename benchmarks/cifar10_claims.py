@@ -1,0 +1,680 @@
+"""The paper's claims on CIFAR-10, from the folders benchmarks/reproduce_cifar10.sh wrote:
+results.json with every number and its 95% interval, the figures, and the Markdown tables
+(the claims table first) that docs/results.md quotes.
+
+    python benchmarks/cifar10_claims.py runs/c10 --img docs/img --json docs/results-cifar10.json
+
+Three targets per seed S: `standard-sS` and `defective-sS` (same seed and schedule) and
+`control-sS`, the standard run stopped at the defective one's clean accuracy. A difference
+counts for one side only when its interval (Newcombe's, from the Wilson intervals) excludes
+zero; the verdicts below follow from those counts by fixed rules, written once here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from _machine import machine
+
+from defcnn.atomic import atomic_write, write_json
+from defcnn.stats import Rate, Statistic, bootstrap_ratio, difference, wilson
+
+ROLES = ("standard", "defective", "control")
+RUN_PREFIX = {"standard": "std", "defective": "def", "control": "ctl"}
+LABELS = {
+    "standard": "standard",
+    "defective": "defective (keep 0.1)",
+    "control": "standard, stopped at the defective's accuracy",
+}
+COLORS = {"standard": "tab:gray", "defective": "tab:blue", "control": "tab:orange"}
+ATTACK_ORDER = ("fgsm", "pgd", "mifgsm")
+PAPER_BOUNDARY_RATIO = 4.7  # mean ||delta||^2/(3HW), keep 0.1 over standard ResNet-18
+REPRODUCE = "benchmarks/reproduce_cifar10.sh"
+STATISTICS: tuple[Statistic, ...] = ("mean", "median")
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str
+    paper: str
+    ours: str
+    verdict: str
+    command: str
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _rate(value: float, trials: int) -> Rate:
+    return wilson(round(value * trials), trials)
+
+
+def _ci(rate: Rate) -> list[float]:
+    return [rate.low, rate.high]
+
+
+def _cell(rate: Rate) -> str:
+    return str(rate)
+
+
+def _ci_text(value: float, ci: list[float], fmt: str = ".3f") -> str:
+    return f"{value:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
+def _diff_dict(a: Rate, b: Rate) -> dict[str, Any]:
+    d = difference(a, b)
+    return {"value": d.value, "ci": [d.low, d.high], "sign": d.sign}
+
+
+def seeds_of(runs: Path) -> list[int]:
+    found = [re.fullmatch(r"def-s(\d+)", p.name) for p in runs.iterdir() if p.is_dir()]
+    return sorted(
+        int(m.group(1)) for m in found if m and (runs / m.group(0) / "metrics.json").exists()
+    )
+
+
+def models(runs: Path, seeds: list[int]) -> dict[str, dict[str, Any]]:
+    """Clean accuracy (whole test split, Wilson) and training budget of every target."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in seeds:
+        for role in ROLES:
+            folder = runs / f"{RUN_PREFIX[role]}-s{s}"
+            if not (folder / "metrics.json").exists():
+                continue
+            m, cfg = _load(folder / "metrics.json"), _load(folder / "config.json")
+            n = int(m["history"][-1]["test_count"])
+            rate = _rate(m["test_accuracy"], n)
+            out[f"{role}-s{s}"] = {
+                "role": role,
+                "seed": s,
+                "test_accuracy": rate.value,
+                "test_accuracy_ci": _ci(rate),
+                "test_images": n,
+                "epochs_scheduled": cfg["epochs"],
+                "epochs_trained": m.get("stopped_at_epoch") or m["epochs_completed"],
+                "stop_at_accuracy": cfg.get("stop_at_accuracy"),
+                "train_seconds": m["seconds_this_session"],
+                "history": [(h["step"], h["test_accuracy"]) for h in m["history"]],
+            }
+    return out
+
+
+def transfer(runs: Path) -> dict[str, Any]:
+    """Per surrogate, attack, eps and seed: each target's accuracy under attack and the
+    paper's metric with Wilson intervals, and the differences between targets."""
+    out: dict[str, Any] = {}
+    for folder in sorted(runs.glob("transfer-*")):
+        if not (folder / "results.json").exists():
+            continue
+        res = _load(folder / "results.json")
+        cells = []
+        keyed = {(r["target"], r["attack"], r["eps_255"]): r for r in res["rows"]}
+        seeds = sorted({int(t.rsplit("-s", 1)[1]) for t, _, _ in keyed})
+        settings = sorted(
+            {(a, e) for _, a, e in keyed}, key=lambda k: (ATTACK_ORDER.index(k[0]), k[1])
+        )
+        for s in seeds:
+            for attack, eps in settings:
+                found = {role: keyed.get((f"{role}-s{s}", attack, eps)) for role in ROLES}
+                rows = {ro: r for ro, r in found.items() if r is not None}
+                if len(rows) < len(ROLES):
+                    continue
+                under = {
+                    ro: _rate(r["accuracy_adversarial"], r["images"]) for ro, r in rows.items()
+                }
+                metric = {
+                    ro: _rate(r["transfer_accuracy"], r["transfer_subset"])
+                    for ro, r in rows.items()
+                    if r["transfer_subset"]
+                }
+                cell: dict[str, Any] = {"seed": s, "attack": attack, "eps_255": eps}
+                for ro in ROLES:
+                    cell[ro] = {
+                        "accuracy_under_attack": under[ro].value,
+                        "accuracy_under_attack_ci": _ci(under[ro]),
+                        "images": under[ro].trials,
+                        "transfer_metric": metric[ro].value if ro in metric else None,
+                        "transfer_metric_ci": _ci(metric[ro]) if ro in metric else None,
+                        "transfer_subset": rows[ro]["transfer_subset"],
+                    }
+                for a, b in (
+                    ("defective", "control"),
+                    ("defective", "standard"),
+                    ("control", "standard"),
+                ):
+                    cell[f"{a}-{b}"] = _diff_dict(under[a], under[b])
+                    if a in metric and b in metric:
+                        cell[f"{a}-{b} metric"] = _diff_dict(metric[a], metric[b])
+                cells.append(cell)
+        out[folder.name.removeprefix("transfer-")] = {
+            "images": res["dataset"]["images"],
+            "seed": res["config"]["seed"],
+            "cells": cells,
+            "versions": res["versions"],
+        }
+    return out
+
+
+def corruptions(runs: Path, seeds: list[int]) -> dict[str, Any]:
+    """Patch shuffling and noise: each target's accuracy (Wilson) and the differences."""
+    out: dict[str, Any] = {}
+    for s in seeds:
+        path = runs / f"corruptions-s{s}.json"
+        if not path.exists():
+            continue
+        res = _load(path)
+        rows = []
+        for r in res["rows"]:
+            rates = {ro: _rate(r[f"{RUN_PREFIX[ro]}-s{s}"], res["images"]) for ro in ROLES}
+            row: dict[str, Any] = {"corruption": r["corruption"], "level": r["level"]}
+            for ro, rate in rates.items():
+                row[ro] = {
+                    "accuracy": rate.value,
+                    "ci": _ci(rate),
+                    "kept": r[f"{RUN_PREFIX[ro]}-s{s}_relative"],
+                }
+            for a, b in (("defective", "control"), ("defective", "standard")):
+                row[f"{a}-{b}"] = _diff_dict(rates[a], rates[b])
+            rows.append(row)
+        out[str(s)] = {"images": res["images"], "rows": rows}
+    return out
+
+
+def _per_image_figure(entry: dict[str, Any], budget: int, pixels: int) -> list[float]:
+    """||delta||^2/(3HW) of each attacked image's closest adversarial within the budget."""
+    values = []
+    for trace in entry["traces"].values():
+        best = min((l2 for q, l2 in trace["improvements"] if q <= budget), default=None)
+        if best is not None:
+            values.append(best * best / pixels)
+    return values
+
+
+def decision(runs: Path) -> dict[str, Any]:
+    """Boundary and HopSkipJump: the paper's figure per target with bootstrap intervals,
+    and its ratio defective / standard and defective / control."""
+    out: dict[str, Any] = {}
+    for attack in ("boundary", "hopskipjump"):
+        path = runs / attack / "results.json"
+        if not path.exists():
+            continue
+        res = _load(path)
+        budget = res["config"]["budget"]
+        entries: dict[str, Any] = {}
+        values: dict[str, list[float]] = {}
+        for name, entry in res["models"].items():
+            fig = entry["boundary_figure"]
+            if fig is None:
+                raise SystemExit(f"{path} has no figure for {name}: rerun its attack")
+            values[name] = _per_image_figure(entry, budget, 3 * 32 * 32)
+            if values[name] and not np.isclose(np.mean(values[name]), fig["mean"], rtol=1e-3):
+                raise SystemExit(f"{path}: {name}'s traces disagree with its figure")
+            entries[name] = {
+                "clean_accuracy": entry["clean_accuracy"],
+                "attacked": entry["attacked"],
+                "found": fig["images"],
+                "missing": fig["missing"],
+                "mean": fig["mean"],
+                "mean_ci": fig.get("mean_ci"),
+                "median": fig["median"],
+                "median_ci": fig.get("median_ci"),
+            }
+        ratios: dict[str, Any] = {}
+        for name in entries:
+            role, _, seed = name.rpartition("-s")
+            for other in ("standard", "control"):
+                base = f"{other}-s{seed}"
+                if role == "defective" and base in values and values[name] and values[base]:
+                    for stat in STATISTICS:
+                        r = bootstrap_ratio(values[name], values[base], stat, seed=0)
+                        ratios[f"{name}/{base} {stat}"] = {"value": r.value, "ci": [r.low, r.high]}
+        out[attack] = {
+            "budget": budget,
+            "images": res["dataset"]["images"],
+            "models": entries,
+            "ratios": ratios,
+        }
+    return out
+
+
+# ---------------------------------------------------------------- tables and claims
+
+
+def _tally(cells: list[dict[str, Any]], key: str) -> dict[str, int]:
+    signs = [c[key]["sign"] for c in cells if key in c]
+    return {"a": signs.count(1), "b": signs.count(-1), "tie": signs.count(0), "n": len(signs)}
+
+
+def _majority(t: dict[str, int], *, a_wins: str, b_wins: str) -> str:
+    """agrees/disagrees by a strict majority of settings beyond their intervals."""
+    if t["n"] == 0:
+        return "not measured"
+    if t["a"] * 2 > t["n"]:
+        return a_wins
+    if t["b"] * 2 > t["n"]:
+        return b_wins
+    return "inconclusive"
+
+
+def _tally_text(t: dict[str, int], a: str, b: str) -> str:
+    return f"{a} higher in {t['a']} of {t['n']} settings, {b} in {t['b']}, {t['tie']} ties"
+
+
+def claims(data: dict[str, Any]) -> list[Claim]:
+    cells = [c for sur in data["transfer"].values() for c in sur["cells"]]
+    acc = data["models"]
+    out: list[Claim] = []
+    gaps = []
+    for m in acc.values():
+        if m["role"] == "defective" and f"standard-s{m['seed']}" in acc:
+            std = acc[f"standard-s{m['seed']}"]
+            d = difference(
+                _rate(m["test_accuracy"], m["test_images"]),
+                _rate(std["test_accuracy"], std["test_images"]),
+            )
+            gaps.append(f"seed {m['seed']}: {d}")
+    out.append(
+        Claim(
+            "Defective ResNet-18 (keep 0.1) is a few points less accurate than the standard one",
+            "a few points below the standard model after full training",
+            "defective - standard clean accuracy, " + "; ".join(gaps),
+            "not tested (CPU-sized training, short of convergence)" if gaps else "not measured",
+            f"{REPRODUCE} train",
+        )
+    )
+    for key, other, label in (
+        (
+            "defective-control",
+            "control",
+            "Defective CNNs resist transfer attacks better than standard "
+            "CNNs of comparable accuracy",
+        ),
+        (
+            "defective-standard",
+            "standard",
+            "Defective CNNs resist transfer attacks better than standard "
+            "CNNs (fully trained standard)",
+        ),
+    ):
+        t = _tally(cells, key)
+        out.append(
+            Claim(
+                label,
+                "defective far more accurate under transfer (Table 1 of the paper)",
+                "accuracy under attack, " + _tally_text(t, "defective", other),
+                _majority(t, a_wins="agrees", b_wins="disagrees"),
+                f"{REPRODUCE} attack",
+            )
+        )
+    t = _tally(cells, "control-standard")
+    out.append(
+        Claim(
+            "(our control) Under-training alone makes a standard model resist transfer",
+            "not in the paper",
+            "accuracy under attack, " + _tally_text(t, "stopped standard", "full standard"),
+            _majority(t, a_wins="yes: a confound to control for", b_wins="no"),
+            f"{REPRODUCE} attack",
+        )
+    )
+    for attack, label in (("boundary", "Boundary"), ("hopskipjump", "HopSkipJump")):
+        dec = data["decision"].get(attack)
+        if not dec:
+            out.append(
+                Claim(
+                    f"{label}: larger perturbations needed against defective CNNs",
+                    f"mean figure ratio about {PAPER_BOUNDARY_RATIO} (Boundary)",
+                    "not measured",
+                    "not measured",
+                    f"{REPRODUCE} attack",
+                )
+            )
+            continue
+        parts, verdicts = [], []
+        for key, r in dec["ratios"].items():
+            if key.endswith(" mean"):
+                low, high = r["ci"]
+                parts.append(
+                    f"{key.removesuffix(' mean')}: {r['value']:.2f} [{low:.2f}, {high:.2f}]"
+                )
+                verdicts.append(
+                    "agrees" if low > 1 else "disagrees" if high < 1 else "inconclusive"
+                )
+        paper = (
+            f"about {PAPER_BOUNDARY_RATIO}x (mean figure)"
+            if attack == "boundary"
+            else "larger (no figure quoted)"
+        )
+        verdict = (
+            verdicts[0] if verdicts and len(set(verdicts)) == 1 else "mixed: " + ", ".join(verdicts)
+        )
+        out.append(
+            Claim(
+                f"{label}: defective CNNs need larger perturbations "
+                f"({dec['budget']} queries/image, {dec['images']} images)",
+                paper,
+                "ratio of mean ||delta||^2/(3HW), " + "; ".join(parts),
+                verdict,
+                f"{REPRODUCE} attack",
+            )
+        )
+    rows = [r for c in data["corruptions"].values() for r in c["rows"]]
+    for corruption, label, paper, want in (
+        (
+            "patch_shuffle",
+            "Patch shuffling hurts defective CNNs more (they rely on shape)",
+            "defective loses more accuracy when patches are shuffled",
+            -1,
+        ),
+        (
+            "gaussian_noise",
+            "Defective CNNs are more robust to Gaussian noise",
+            "more robust to additive noise",
+            1,
+        ),
+    ):
+        sel = [r for r in rows if r["corruption"] == corruption]
+        t = _tally(sel, "defective-control")
+        if want < 0:  # the claim: lower accuracy than the accuracy-matched control
+            t = {"a": t["b"], "b": t["a"], "tie": t["tie"], "n": t["n"]}
+        out.append(
+            Claim(
+                label + " (vs the accuracy-matched control)",
+                paper,
+                (
+                    "accuracy lower than the control's"
+                    if want < 0
+                    else "accuracy higher than the control's"
+                )
+                + f" in {t['a']} of {t['n']} levels, the reverse in {t['b']}, "
+                f"{t['tie']} ties",
+                _majority(t, a_wins="agrees", b_wins="disagrees"),
+                f"{REPRODUCE} attack",
+            )
+        )
+    return out
+
+
+def claims_table(rows: list[Claim]) -> str:
+    lines = ["| claim | the paper | ours [95% CI] | verdict | command |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {c.claim} | {c.paper} | {c.ours} | **{c.verdict}** | `{c.command}` |" for c in rows
+    ]
+    return "\n".join(lines)
+
+
+def models_table(acc: dict[str, Any]) -> str:
+    lines = [
+        "| target | seed | clean test accuracy [95% CI] | epochs trained (scheduled) | "
+        "train time |",
+        "|---|---|---|---|---|",
+    ]
+    for m in acc.values():
+        rate = _rate(m["test_accuracy"], m["test_images"])
+        lines.append(
+            f"| {LABELS[m['role']]} | {m['seed']} | {rate} | {m['epochs_trained']:.2f} "
+            f"({m['epochs_scheduled']}) | {m['train_seconds'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
+def transfer_table(data: dict[str, Any]) -> str:
+    lines = [
+        "| surrogate | seed | attack | eps/255 | standard | defective | control | "
+        "defective - control | defective - standard |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for sur, res in data["transfer"].items():
+        for c in res["cells"]:
+            cells = [
+                _ci_text(c[ro]["accuracy_under_attack"], c[ro]["accuracy_under_attack_ci"])
+                for ro in ROLES
+            ]
+            diffs = [
+                f"{c[k]['value']:+.3f} [{c[k]['ci'][0]:+.3f}, {c[k]['ci'][1]:+.3f}]"
+                for k in ("defective-control", "defective-standard")
+            ]
+            lines.append(
+                f"| {sur} | {c['seed']} | {c['attack']} | {c['eps_255']:g} | "
+                + " | ".join(cells + diffs)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def metric_table(data: dict[str, Any]) -> str:
+    lines = [
+        "| surrogate | seed | attack | eps/255 | standard (subset) | defective (subset) | "
+        "control (subset) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for sur, res in data["transfer"].items():
+        for c in res["cells"]:
+            cells = []
+            for ro in ROLES:
+                v, ci = c[ro]["transfer_metric"], c[ro]["transfer_metric_ci"]
+                cells.append(
+                    "-"
+                    if v is None
+                    else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] ({c[ro]['transfer_subset']})"
+                )
+            lines.append(
+                f"| {sur} | {c['seed']} | {c['attack']} | {c['eps_255']:g} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def corruption_table(data: dict[str, Any]) -> str:
+    lines = [
+        "| seed | corruption | level | standard (kept) | defective (kept) | control (kept) | "
+        "defective - control |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s, res in data["corruptions"].items():
+        for r in res["rows"]:
+            cells = [
+                f"{r[ro]['accuracy']:.3f} [{r[ro]['ci'][0]:.3f}, {r[ro]['ci'][1]:.3f}] "
+                f"({r[ro]['kept']:.2f})"
+                for ro in ROLES
+            ]
+            d = r["defective-control"]
+            lines.append(
+                f"| {s} | {r['corruption']} | {r['level']:g} | "
+                + " | ".join(cells)
+                + f" | {d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |"
+            )
+    return "\n".join(lines)
+
+
+def decision_table(data: dict[str, Any]) -> str:
+    lines = [
+        "| attack | target | clean acc | attacked | found | mean ||delta||^2/(3HW) [95%] | "
+        "median [95%] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for attack, res in data["decision"].items():
+        for name, e in res["models"].items():
+            mean_ci = e["mean_ci"] or [float("nan")] * 2
+            med_ci = e["median_ci"] or [float("nan")] * 2
+            lines.append(
+                f"| {attack} ({res['budget']} queries) | {name} | {e['clean_accuracy']:.3f} | "
+                f"{e['attacked']} | {e['found']} | {e['mean']:.2e} [{mean_ci[0]:.2e}, "
+                f"{mean_ci[1]:.2e}] | {e['median']:.2e} [{med_ci[0]:.2e}, {med_ci[1]:.2e}] |"
+            )
+        for key, r in res["ratios"].items():
+            lines.append(
+                f"| {attack} | ratio {key} | | | | {r['value']:.2f} [{r['ci'][0]:.2f}, "
+                f"{r['ci'][1]:.2f}] | |"
+            )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _save(fig: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def plot_transfer(data: dict[str, Any], img: Path) -> None:
+    surs = list(data["transfer"])
+    if not surs:
+        return
+    fig, axes = plt.subplots(1, len(surs), figsize=(5.5 * len(surs), 3.6), squeeze=False)
+    for ax, sur in zip(axes[0], surs, strict=True):
+        cells = [
+            c
+            for c in data["transfer"][sur]["cells"]
+            if c["seed"] == data["transfer"][sur]["cells"][0]["seed"]
+        ]
+        xs = np.arange(len(cells))
+        for k, ro in enumerate(ROLES):
+            v = np.array([c[ro]["accuracy_under_attack"] for c in cells])
+            ci = np.array([c[ro]["accuracy_under_attack_ci"] for c in cells]).T
+            ax.bar(
+                xs + (k - 1) * 0.27,
+                v,
+                0.27,
+                yerr=[v - ci[0], ci[1] - v],
+                capsize=2,
+                label=LABELS[ro],
+                color=COLORS[ro],
+            )
+        ax.set_xticks(
+            xs, [f"{c['attack']} {c['eps_255']:g}" for c in cells], rotation=60, ha="right"
+        )
+        ax.set_ylim(0, 1)
+        ax.set_title(f"surrogate {sur}, seed {cells[0]['seed']}")
+    axes[0][0].set_ylabel("accuracy under transfer attack\n(95% Wilson intervals)")
+    axes[0][0].legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    _save(fig, img / "cifar10-transfer.png")
+
+
+def plot_corruptions(data: dict[str, Any], img: Path) -> None:
+    if not data["corruptions"]:
+        return
+    seed, res = next(iter(data["corruptions"].items()))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, corruption in zip(axes, ("patch_shuffle", "gaussian_noise"), strict=True):
+        rows = [r for r in res["rows"] if r["corruption"] in ("clean", corruption)]
+        xs = np.arange(len(rows))
+        for ro in ROLES:
+            v = np.array([r[ro]["accuracy"] for r in rows])
+            ci = np.array([r[ro]["ci"] for r in rows]).T
+            ax.errorbar(
+                xs,
+                v,
+                yerr=[v - ci[0], ci[1] - v],
+                marker="o",
+                capsize=3,
+                label=LABELS[ro],
+                color=COLORS[ro],
+            )
+        ax.set_xticks(
+            xs, ["clean" if r["corruption"] == "clean" else f"{r['level']:g}" for r in rows]
+        )
+        ax.set_xlabel("grid k" if corruption == "patch_shuffle" else "noise sigma")
+        ax.set_ylim(0, 1)
+        ax.set_title(corruption.replace("_", " ") + f" (seed {seed})")
+    axes[0].set_ylabel("test accuracy (95% Wilson)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, img / "cifar10-corruptions.png")
+
+
+def plot_decision(data: dict[str, Any], img: Path) -> None:
+    if not data["decision"]:
+        return
+    fig, axes = plt.subplots(
+        1, len(data["decision"]), figsize=(5 * len(data["decision"]), 3.4), squeeze=False
+    )
+    for ax, (attack, res) in zip(axes[0], data["decision"].items(), strict=True):
+        names = list(res["models"])
+        for k, stat in enumerate(("mean", "median")):
+            v = np.array([res["models"][n][stat] for n in names])
+            ci = np.array([res["models"][n][f"{stat}_ci"] or [np.nan, np.nan] for n in names]).T
+            ax.bar(
+                np.arange(len(names)) + (k - 0.5) * 0.38,
+                v,
+                0.38,
+                yerr=[v - ci[0], ci[1] - v],
+                capsize=3,
+                label=stat,
+                color=("tab:blue", "tab:green")[k],
+            )
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set_yscale("log")
+        ax.set_title(f"{attack}, {res['budget']} queries/image")
+    axes[0][0].set_ylabel("||delta||^2/(3HW) (95% bootstrap)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    _save(fig, img / "cifar10-decision.png")
+
+
+def plot_training(data: dict[str, Any], img: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for m in data["models"].values():
+        steps, accs = zip(*m["history"], strict=True)
+        ax.plot(
+            steps,
+            accs,
+            marker=".",
+            label=f"{LABELS[m['role']]} (seed {m['seed']})",
+            color=COLORS[m["role"]],
+            ls="-" if m["seed"] == 0 else ":",
+        )
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, img / "cifar10-accuracy.png")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", type=Path, help="the RUNS folder of reproduce_cifar10.sh")
+    p.add_argument("--img", type=Path, required=True, help="folder for the PNG figures")
+    p.add_argument("--json", type=Path, required=True, help="where results.json goes")
+    args = p.parse_args()
+    seeds = seeds_of(args.runs)
+    data: dict[str, Any] = {
+        "machine": machine(),
+        "seeds": seeds,
+        "models": models(args.runs, seeds),
+        "transfer": transfer(args.runs),
+        "corruptions": corruptions(args.runs, seeds),
+        "decision": decision(args.runs),
+    }
+    rows = claims(data)
+    data["claims"] = [asdict(c) for c in rows]
+    args.img.mkdir(parents=True, exist_ok=True)
+    for plot in (plot_transfer, plot_corruptions, plot_decision, plot_training):
+        plot(data, args.img)
+    write_json(args.json, data)
+    for title, text in (
+        ("Claims", claims_table(rows)),
+        ("Models", models_table(data["models"])),
+        ("Transfer: accuracy under attack", transfer_table(data)),
+        ("Transfer: the paper's metric", metric_table(data)),
+        ("Corruptions", corruption_table(data)),
+        ("Decision-based attacks", decision_table(data)),
+    ):
+        print(f"## {title}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
