@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from defcnn import display
 from defcnn.robustness.corruptions import gaussian_noise, patch_shuffle
 from defcnn.stats import wilson
+from defcnn.training import evaluate
 
 
 @dataclass(frozen=True)
@@ -83,31 +84,6 @@ class EvaluationResult:
         return corruption_table(self.rows, list(self.checkpoints))
 
 
-@torch.no_grad()
-def _correct(
-    model: torch.nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int,
-    device: torch.device | str,
-) -> int:
-    """How many of uint8 `images` [N, 3, H, W] `model` classifies right: an exact count, as
-    the Wilson interval needs (the same inputs as `defcnn.training.evaluate`)."""
-    x_all, y_all = torch.as_tensor(images), torch.as_tensor(labels)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        for start in range(0, len(x_all), batch_size):
-            x = x_all[start : start + batch_size].to(device).float().div_(255)
-            y = y_all[start : start + batch_size].to(device)
-            correct += int((model(x).float().argmax(1) == y).sum().item())
-    finally:
-        model.train(was_training)
-    return correct
-
-
 def evaluate_corruptions(
     models: dict[str, torch.nn.Module],
     images: np.ndarray,
@@ -136,7 +112,8 @@ def evaluate_corruptions(
         relative: dict[str, float] = {}
         ci: dict[str, tuple[float, float]] = {}
         for name, model in models.items():
-            correct = _correct(model, x, labels, batch_size=batch_size, device=device)
+            scores = evaluate(model, x, labels, batch_size=batch_size, device=device)
+            correct = int(scores["correct"])
             acc = correct / max(1, len(labels))
             if len(labels):
                 rate = wilson(correct, len(labels))

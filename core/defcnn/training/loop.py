@@ -72,7 +72,8 @@ def evaluate(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of `model` on uint8 images [N, 3, H, W]."""
+    """Accuracy (and the count right, for intervals) and mean cross-entropy of `model` on
+    uint8 images [N, 3, H, W]."""
     images = torch.as_tensor(images)
     labels = torch.as_tensor(labels)
     was_training = model.training
@@ -88,7 +89,7 @@ def evaluate(
     finally:
         model.train(was_training)
     n = max(1, len(images))
-    return {"accuracy": correct / n, "loss": loss_sum / n, "count": len(images)}
+    return {"accuracy": correct / n, "loss": loss_sum / n, "count": len(images), "correct": correct}
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
