@@ -5,7 +5,8 @@ A fixed, seeded per-class selection of the JPEG q75 copy of CIFAR-10
 re-encoding) into a deterministic ImageFolder tar (sorted members, zeroed times and owners),
 gzipped with no name or time in its header. The sha256 of the tar and of the .tar.gz go to
 the manifest beside it; the loader checks the .tar.gz's on every load, and this script,
-rerun, must reproduce the tar's (the gzip bytes can differ between zlib versions).
+rerun, must reproduce the tar's (the gzip bytes can differ between zlib versions). The
+selection hashes each file's name with the seed, so it needs no random generator.
 
     python tools/make_cifar10_subset.py [--source ARCHIVE] [--check]
 """
@@ -21,8 +22,6 @@ import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "core" / "defcnn" / "data" / "embedded"
 ARCHIVE = OUT_DIR / "cifar10-subset.tar.gz"
@@ -30,6 +29,8 @@ MANIFEST = OUT_DIR / "cifar10-subset.json"
 SOURCE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 SOURCE_SHA256 = "d91980dd69f53077ebff3184b7c693b8bb41a49626ac0e63521b10db5e987f77"
 PER_CLASS = {"train": 1000, "test": 200}
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck")  # fmt: skip
 SEED = 0
 
 
@@ -52,11 +53,13 @@ def _read_source(source: Path) -> dict[tuple[str, str], dict[str, bytes]]:
 
 
 def _select(names: list[str], n: int, split: str, cls: str) -> list[str]:
-    """n names drawn without replacement, seeded by (SEED, split, class), in sorted order."""
-    key = int.from_bytes(hashlib.sha256(f"{split}/{cls}".encode()).digest()[:4], "little")
-    rng = np.random.default_rng([SEED, key])
-    picked = rng.choice(len(names), size=n, replace=False)
-    return sorted(names[i] for i in picked)
+    """The n names whose sha256(SEED/split/class/name) sort first, in name order: a seeded
+    draw that depends on no random generator's stream (NumPy's may change across versions)."""
+
+    def key(name: str) -> str:
+        return hashlib.sha256(f"{SEED}/{split}/{cls}/{name}".encode()).hexdigest()
+
+    return sorted(sorted(names, key=key)[:n])
 
 
 def build_tar(source: Path) -> tuple[bytes, dict[str, dict[str, int]]]:
@@ -102,11 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     tar, counts = build_tar(args.source)
+    expected = {split: {cls: n for cls in CLASSES} for split, n in PER_CLASS.items()}
+    if counts != expected:
+        print(f"error: selected {counts}, expected {expected}", file=sys.stderr)
+        return 1
     if args.check:
-        want = json.loads(MANIFEST.read_text())["tar_sha256"]
-        ok = _sha256(tar) == want
-        print(f"tar sha256 {_sha256(tar)}: {'matches' if ok else 'DIFFERS from'} the manifest")
-        return 0 if ok else 1
+        manifest = json.loads(MANIFEST.read_text())
+        committed = gzip.decompress(ARCHIVE.read_bytes())
+        checks = {
+            "rebuilt tar": _sha256(tar) == manifest["tar_sha256"],
+            "committed archive": _sha256(ARCHIVE.read_bytes()) == manifest["sha256"],
+            "committed archive's tar": _sha256(committed) == manifest["tar_sha256"],
+        }
+        for what, ok in checks.items():
+            print(f"{what}: {'matches' if ok else 'DIFFERS from'} the manifest")
+        return 0 if all(checks.values()) else 1
     gz = gzip_bytes(tar)
     manifest = {
         "name": "cifar10-subset",
@@ -120,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "sha256": _sha256(gz),
         "bytes": len(gz),
         "made_by": "python tools/make_cifar10_subset.py",
+        "selection": "per split and class: the names whose sha256(seed/split/class/name) "
+        "sort first",
     }
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     ARCHIVE.write_bytes(gz)
