@@ -7,7 +7,9 @@ results.json with every number and its 95% interval, the figures, and the Markdo
 Three targets per seed S: `standard-sS` and `defective-sS` (same seed and schedule) and
 `control-sS`, the standard run stopped at the defective one's clean accuracy. A difference
 counts for one side only when its interval (Newcombe's, from the Wilson intervals) excludes
-zero; the verdicts below follow from those counts by fixed rules, written once here.
+zero; the verdicts below follow from those counts by fixed rules, written once here. A
+claim against the control is inconclusive unless, for every seed it uses, the control
+stopped and came within MATCH_TOLERANCE of the defective's clean accuracy.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ import matplotlib.pyplot as plt
 from _machine import machine
 
 from defcnn.atomic import atomic_write, write_json
-from defcnn.stats import Rate, Statistic, bootstrap_ratio, difference, wilson
+from defcnn.stats import (
+    Difference,
+    Rate,
+    Statistic,
+    bootstrap_ratio,
+    difference,
+    difference_of_differences,
+    wilson,
+)
 
 ROLES = ("standard", "defective", "control")
 RUN_PREFIX = {"standard": "std", "defective": "def", "control": "ctl"}
@@ -41,6 +51,15 @@ ATTACK_ORDER = ("fgsm", "pgd", "mifgsm")
 PAPER_BOUNDARY_RATIO = 4.7  # mean ||delta||^2/(3HW), keep 0.1 over standard ResNet-18
 REPRODUCE = "benchmarks/reproduce_cifar10.sh"
 STATISTICS: tuple[Statistic, ...] = ("mean", "median")
+# A control is matched when it stopped (reached its --stop-at-accuracy target) and its clean
+# accuracy is within this of the defective one's; a claim against an unmatched one is moot.
+MATCH_TOLERANCE = 0.02
+MIN_IMAGES = 50  # the fewest images in each figure of a decision-attack ratio (the issue's)
+TALLY_NOTE = (
+    "The tallies count settings (or levels) whose 95% interval excludes zero; those tests "
+    "are correlated (the same images, models and surrogates throughout) and carry no "
+    "multiple-comparison correction, so a tally is a summary, not a significance test."
+)
 
 
 @dataclass(frozen=True)
@@ -72,9 +91,12 @@ def _ci_text(value: float, ci: list[float], fmt: str = ".3f") -> str:
     return f"{value:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
-def _diff_dict(a: Rate, b: Rate) -> dict[str, Any]:
-    d = difference(a, b)
+def _est_dict(d: Difference) -> dict[str, Any]:
     return {"value": d.value, "ci": [d.low, d.high], "sign": d.sign}
+
+
+def _diff_dict(a: Rate, b: Rate) -> dict[str, Any]:
+    return _est_dict(difference(a, b))
 
 
 def seeds_of(runs: Path) -> list[int]:
@@ -85,7 +107,9 @@ def seeds_of(runs: Path) -> list[int]:
 
 
 def models(runs: Path, seeds: list[int]) -> dict[str, dict[str, Any]]:
-    """Clean accuracy (whole test split, Wilson) and training budget of every target."""
+    """Clean accuracy (whole test split, Wilson) and training budget of every target; for a
+    control also `gap`, |control - defective| clean accuracy, which with `stopped_at_step`
+    (None: its target was never reached) says whether it is matched."""
     out: dict[str, dict[str, Any]] = {}
     for s in seeds:
         for role in ROLES:
@@ -104,10 +128,35 @@ def models(runs: Path, seeds: list[int]) -> dict[str, dict[str, Any]]:
                 "epochs_scheduled": cfg["epochs"],
                 "epochs_trained": m.get("stopped_at_epoch") or m["epochs_completed"],
                 "stop_at_accuracy": cfg.get("stop_at_accuracy"),
+                "stopped_at_step": m.get("stopped_at_step"),
                 "train_seconds": m["seconds_this_session"],
                 "history": [(h["step"], h["test_accuracy"]) for h in m["history"]],
             }
+            defective = out.get(f"defective-s{s}")
+            if role == "control":
+                out[f"{role}-s{s}"]["gap"] = (
+                    None if defective is None else abs(rate.value - defective["test_accuracy"])
+                )
     return out
+
+
+def control_mismatch(acc: dict[str, Any], seeds: list[int]) -> str | None:
+    """The verdict of a claim against the control when, for any of `seeds`, the control is
+    not matched (it did not stop, or its gap exceeds MATCH_TOLERANCE); None when all are."""
+    bad = []
+    for s in sorted(set(seeds)):
+        ctl = acc.get(f"control-s{s}")
+        if ctl is None or ctl.get("gap") is None:
+            return f"inconclusive: control not matched (seed {s} lacks a control or defective run)"
+        stopped = ctl.get("stopped_at_step") is not None
+        if not stopped or ctl["gap"] > MATCH_TOLERANCE:
+            bad.append((ctl["gap"], s, stopped))
+    if not bad:
+        return None
+    gap, s, stopped = max(bad)
+    return f"inconclusive: control not matched (gap {gap:.3f}), seed {s}" + (
+        "" if stopped else ": it never reached its target"
+    )
 
 
 def transfer(runs: Path) -> dict[str, Any]:
@@ -128,8 +177,13 @@ def transfer(runs: Path) -> dict[str, Any]:
             for attack, eps in settings:
                 found = {role: keyed.get((f"{role}-s{s}", attack, eps)) for role in ROLES}
                 rows = {ro: r for ro, r in found.items() if r is not None}
-                if len(rows) < len(ROLES):
-                    continue
+                missing = [f"{ro}-s{s}" for ro in ROLES if ro not in rows]
+                if missing:
+                    raise SystemExit(
+                        f"{folder / 'results.json'}: {attack} at eps {eps:g}/255 has no row "
+                        f"for {', '.join(missing)} (every seed needs all of "
+                        f"{', '.join(ROLES)}): rerun its transfer attack"
+                    )
                 under = {
                     ro: _rate(r["accuracy_adversarial"], r["images"]) for ro, r in rows.items()
                 }
@@ -166,17 +220,27 @@ def transfer(runs: Path) -> dict[str, Any]:
     return out
 
 
+def _corruption_rates(row: dict[str, Any], seed: int, images: int) -> dict[str, Rate]:
+    return {ro: _rate(row[f"{RUN_PREFIX[ro]}-s{seed}"], images) for ro in ROLES}
+
+
 def corruptions(runs: Path, seeds: list[int]) -> dict[str, Any]:
-    """Patch shuffling and noise: each target's accuracy (Wilson) and the differences."""
+    """Patch shuffling and noise: each target's accuracy (Wilson), the differences, and
+    the difference of drops from clean accuracy, defective minus control (the claims are
+    about the drop: two models of different clean accuracy differ corrupted as well)."""
     out: dict[str, Any] = {}
     for s in seeds:
         path = runs / f"corruptions-s{s}.json"
         if not path.exists():
             continue
         res = _load(path)
+        clean = [r for r in res["rows"] if r["corruption"] == "clean"]
+        if len(clean) != 1:
+            raise SystemExit(f"{path} has {len(clean)} clean rows, not 1: rerun its corruptions")
+        base = _corruption_rates(clean[0], s, res["images"])
         rows = []
         for r in res["rows"]:
-            rates = {ro: _rate(r[f"{RUN_PREFIX[ro]}-s{s}"], res["images"]) for ro in ROLES}
+            rates = _corruption_rates(r, s, res["images"])
             row: dict[str, Any] = {"corruption": r["corruption"], "level": r["level"]}
             for ro, rate in rates.items():
                 row[ro] = {
@@ -186,6 +250,13 @@ def corruptions(runs: Path, seeds: list[int]) -> dict[str, Any]:
                 }
             for a, b in (("defective", "control"), ("defective", "standard")):
                 row[f"{a}-{b}"] = _diff_dict(rates[a], rates[b])
+            if r["corruption"] != "clean":
+                # (def_clean - def_level) - (ctl_clean - ctl_level): > 0, the defective drops more
+                row["drop defective-control"] = _est_dict(
+                    difference_of_differences(
+                        base["defective"], rates["defective"], base["control"], rates["control"]
+                    )
+                )
             rows.append(row)
         out[str(s)] = {"images": res["images"], "rows": rows}
     return out
@@ -238,7 +309,14 @@ def decision(runs: Path) -> dict[str, Any]:
                 if role == "defective" and base in values and values[name] and values[base]:
                     for stat in STATISTICS:
                         r = bootstrap_ratio(values[name], values[base], stat, seed=0)
-                        ratios[f"{name}/{base} {stat}"] = {"value": r.value, "ci": [r.low, r.high]}
+                        ratios[f"{name}/{base} {stat}"] = {
+                            "value": r.value,
+                            "ci": [r.low, r.high],
+                            "target": name,
+                            "base": base,
+                            "seed": int(seed),
+                            "statistic": stat,
+                        }
         out[attack] = {
             "budget": budget,
             "images": res["dataset"]["images"],
@@ -271,8 +349,30 @@ def _tally_text(t: dict[str, int], a: str, b: str) -> str:
     return f"{a} higher in {t['a']} of {t['n']} settings, {b} in {t['b']}, {t['tie']} ties"
 
 
+def mixed(metric: str, under: str) -> str:
+    """A transfer verdict: the paper's metric decides, but where the accuracy under attack
+    leads to another verdict, both are shown rather than one hidden."""
+    return (
+        metric if metric == under else f"mixed (metric: {metric}, accuracy under attack: {under})"
+    )
+
+
+def ratio_verdict(low: float, high: float, paper: float | None) -> str:
+    """A ratio's 95% interval against the claim (> 1) and, where the paper quotes one, its
+    size: a ratio above 1 does not by itself reproduce "about 4.7x"."""
+    direction = "agrees in direction" if low > 1 else "disagrees" if high < 1 else "inconclusive"
+    if paper is None:
+        return direction
+    if low <= paper <= high:
+        return f"{direction}, agrees on size"
+    return f"{direction}, disagrees on size ({paper:g} outside [{low:.2f}, {high:.2f}])"
+
+
 def claims(data: dict[str, Any]) -> list[Claim]:
+    """The claims table: each verdict by the fixed rules above; any claim against the
+    control is inconclusive unless the control of every seed it uses is matched."""
     cells = [c for sur in data["transfer"].values() for c in sur["cells"]]
+    transfer_seeds = sorted({c["seed"] for c in cells})
     acc = data["models"]
     out: list[Claim] = []
     gaps = []
@@ -307,23 +407,33 @@ def claims(data: dict[str, Any]) -> list[Claim]:
             "CNNs (fully trained standard)",
         ),
     ):
-        t = _tally(cells, key)
+        t, tm = _tally(cells, key), _tally(cells, f"{key} metric")
+        verdict = mixed(
+            _majority(tm, a_wins="agrees", b_wins="disagrees"),
+            _majority(t, a_wins="agrees", b_wins="disagrees"),
+        )
+        if other == "control":
+            verdict = control_mismatch(acc, transfer_seeds) or verdict
         out.append(
             Claim(
                 label,
                 "defective far more accurate under transfer (Table 1 of the paper)",
-                "accuracy under attack, " + _tally_text(t, "defective", other),
-                _majority(t, a_wins="agrees", b_wins="disagrees"),
+                f"accuracy under attack: {_tally_text(t, 'defective', other)}; "
+                f"paper's metric: {_tally_text(tm, 'defective', other)}",
+                verdict,
                 f"{REPRODUCE} attack",
             )
         )
-    t = _tally(cells, "control-standard")
+    t, tm = _tally(cells, "control-standard"), _tally(cells, "control-standard metric")
+    yes, no = "yes: a confound to control for", "no"
     out.append(
         Claim(
             "(our control) Under-training alone makes a standard model resist transfer",
             "not in the paper",
-            "accuracy under attack, " + _tally_text(t, "stopped standard", "full standard"),
-            _majority(t, a_wins="yes: a confound to control for", b_wins="no"),
+            f"accuracy under attack: {_tally_text(t, 'stopped standard', 'full standard')}; "
+            f"paper's metric: {_tally_text(tm, 'stopped standard', 'full standard')}",
+            control_mismatch(acc, transfer_seeds)
+            or mixed(_majority(tm, a_wins=yes, b_wins=no), _majority(t, a_wins=yes, b_wins=no)),
             f"{REPRODUCE} attack",
         )
     )
@@ -340,24 +450,36 @@ def claims(data: dict[str, Any]) -> list[Claim]:
                 )
             )
             continue
+        size = PAPER_BOUNDARY_RATIO if attack == "boundary" else None
         parts, verdicts = [], []
-        for key, r in dec["ratios"].items():
-            if key.endswith(" mean"):
-                low, high = r["ci"]
-                parts.append(
-                    f"{key.removesuffix(' mean')}: {r['value']:.2f} [{low:.2f}, {high:.2f}]"
-                )
-                verdicts.append(
-                    "agrees" if low > 1 else "disagrees" if high < 1 else "inconclusive"
-                )
+        for r in dec["ratios"].values():
+            if r["statistic"] != "mean":
+                continue
+            low, high = r["ci"]
+            found = [dec["models"][n]["found"] for n in (r["target"], r["base"])]
+            parts.append(
+                f"{r['target']}/{r['base']}: {r['value']:.2f} [{low:.2f}, {high:.2f}] "
+                f"({found[0]} and {found[1]} images)"
+            )
+            mismatch = (
+                control_mismatch(acc, [r["seed"]]) if r["base"].startswith("control-") else None
+            )
+            if min(found) < MIN_IMAGES:
+                v = f"inconclusive (fewer than {MIN_IMAGES} images)"
+            else:
+                v = mismatch or ratio_verdict(low, high, size)
+            verdicts.append((r["base"], v))
         paper = (
             f"about {PAPER_BOUNDARY_RATIO}x (mean figure)"
             if attack == "boundary"
             else "larger (no figure quoted)"
         )
-        verdict = (
-            verdicts[0] if verdicts and len(set(verdicts)) == 1 else "mixed: " + ", ".join(verdicts)
-        )
+        if not verdicts:
+            verdict = "not measured"
+        elif len({v for _, v in verdicts}) == 1:
+            verdict = verdicts[0][1]
+        else:
+            verdict = "mixed: " + "; ".join(f"vs {base}: {v}" for base, v in verdicts)
         out.append(
             Claim(
                 f"{label}: defective CNNs need larger perturbations "
@@ -368,37 +490,36 @@ def claims(data: dict[str, Any]) -> list[Claim]:
                 f"{REPRODUCE} attack",
             )
         )
-    rows = [r for c in data["corruptions"].values() for r in c["rows"]]
+    rows = [(int(s), r) for s, c in data["corruptions"].items() for r in c["rows"]]
     for corruption, label, paper, want in (
         (
             "patch_shuffle",
             "Patch shuffling hurts defective CNNs more (they rely on shape)",
             "defective loses more accuracy when patches are shuffled",
-            -1,
+            1,
         ),
         (
             "gaussian_noise",
             "Defective CNNs are more robust to Gaussian noise",
             "more robust to additive noise",
-            1,
+            -1,
         ),
     ):
-        sel = [r for r in rows if r["corruption"] == corruption]
-        t = _tally(sel, "defective-control")
-        if want < 0:  # the claim: lower accuracy than the accuracy-matched control
+        # The drop from clean accuracy, defective minus control: > 0, the defective's is larger.
+        sel = [(s, r) for s, r in rows if r["corruption"] == corruption]
+        t = _tally([r for _, r in sel], "drop defective-control")
+        if want < 0:  # the claim: a smaller drop than the accuracy-matched control's
             t = {"a": t["b"], "b": t["a"], "tie": t["tie"], "n": t["n"]}
         out.append(
             Claim(
                 label + " (vs the accuracy-matched control)",
                 paper,
-                (
-                    "accuracy lower than the control's"
-                    if want < 0
-                    else "accuracy higher than the control's"
-                )
-                + f" in {t['a']} of {t['n']} levels, the reverse in {t['b']}, "
-                f"{t['tie']} ties",
-                _majority(t, a_wins="agrees", b_wins="disagrees"),
+                "drop from clean accuracy "
+                + ("larger" if want > 0 else "smaller")
+                + f" than the control's in {t['a']} of {t['n']} levels, the reverse in "
+                f"{t['b']}, {t['tie']} ties",
+                control_mismatch(acc, [s for s, _ in sel])
+                or _majority(t, a_wins="agrees", b_wins="disagrees"),
                 f"{REPRODUCE} attack",
             )
         )
@@ -410,20 +531,33 @@ def claims_table(rows: list[Claim]) -> str:
     lines += [
         f"| {c.claim} | {c.paper} | {c.ours} | **{c.verdict}** | `{c.command}` |" for c in rows
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + f"\n\n{TALLY_NOTE}"
 
 
 def models_table(acc: dict[str, Any]) -> str:
     lines = [
         "| target | seed | clean test accuracy [95% CI] | epochs trained (scheduled) | "
-        "train time |",
-        "|---|---|---|---|---|",
+        "stopped at its target | gap to the defective | train time |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in acc.values():
         rate = _rate(m["test_accuracy"], m["test_images"])
+        step, gap = m.get("stopped_at_step"), m.get("gap")
+        if m["stop_at_accuracy"] is None:
+            stopped = "-"
+        else:
+            stopped = "no" if step is None else f"yes, step {step}"
+        if m["role"] != "control":
+            gap_text = "-"
+        elif gap is None:
+            gap_text = "no defective run"
+        else:
+            matched = step is not None and gap <= MATCH_TOLERANCE
+            gap_text = f"{gap:.3f} ({'matched' if matched else 'NOT matched'})"
         lines.append(
             f"| {LABELS[m['role']]} | {m['seed']} | {rate} | {m['epochs_trained']:.2f} "
-            f"({m['epochs_scheduled']}) | {m['train_seconds'] / 60:.1f} min |"
+            f"({m['epochs_scheduled']}) | {stopped} | {gap_text} | "
+            f"{m['train_seconds'] / 60:.1f} min |"
         )
     return "\n".join(lines)
 
@@ -479,8 +613,8 @@ def metric_table(data: dict[str, Any]) -> str:
 def corruption_table(data: dict[str, Any]) -> str:
     lines = [
         "| seed | corruption | level | standard (kept) | defective (kept) | control (kept) | "
-        "defective - control |",
-        "|---|---|---|---|---|---|---|",
+        "defective - control | drop from clean: defective - control |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s, res in data["corruptions"].items():
         for r in res["rows"]:
@@ -489,11 +623,16 @@ def corruption_table(data: dict[str, Any]) -> str:
                 f"({r[ro]['kept']:.2f})"
                 for ro in ROLES
             ]
-            d = r["defective-control"]
+            d, drop = r["defective-control"], r.get("drop defective-control")
+            drop_text = (
+                "-"
+                if drop is None
+                else f"{drop['value']:+.3f} [{drop['ci'][0]:+.3f}, {drop['ci'][1]:+.3f}]"
+            )
             lines.append(
                 f"| {s} | {r['corruption']} | {r['level']:g} | "
                 + " | ".join(cells)
-                + f" | {d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |"
+                + f" | {d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {drop_text} |"
             )
     return "\n".join(lines)
 

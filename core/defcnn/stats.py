@@ -100,6 +100,23 @@ def difference(a: Rate, b: Rate) -> Difference:
     return Difference(d, low, high)
 
 
+def difference_of_differences(a: Rate, b: Rate, c: Rate, d: Rate) -> Difference:
+    """`(a - b) - (c - d)` with a 95% normal-approximation interval.
+
+    For comparing two drops, e.g. how much more a corruption costs one model than another
+    ((clean - corrupted) of one minus that of the other): a claim about the drop is not
+    settled by the corrupted accuracies alone. The variance is the sum of the four
+    p(1-p)/n, treating the four rates as independent. They share images, so it is
+    conservative: the correlations that dominate (a with b and c with d, one model clean
+    and corrupted; a with c and b with d, two models on the same images) enter with a minus
+    sign and narrow the true interval (the cross pairs a-d and b-c widen it, but are weaker).
+    """
+    value = (a.value - b.value) - (c.value - d.value)
+    var = sum(r.value * (1 - r.value) / r.trials for r in (a, b, c, d))
+    half = Z_95 * math.sqrt(var)
+    return Difference(value, value - half, value + half)
+
+
 Statistic = Literal["mean", "median"]
 
 

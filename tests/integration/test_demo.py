@@ -181,3 +181,12 @@ def test_the_server_is_stopped_when_the_demo_is_interrupted(
         assert code == EXIT_INTERRUPTED, story()
         assert "interrupted" in errors.read_text(), story()
     assert _wait_gone(pid), f"the server outlived the demo\n{story()}"
+
+
+def test_samples_larger_than_the_test_split_are_refused_before_training(
+    tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), *TINY, "--num-images", "360"]) == EXIT_USAGE
+    assert "--num-images 360 is more than the 359 test images of digits" in capsys.readouterr().err
+    assert not (out / "models").exists()  # nothing was trained

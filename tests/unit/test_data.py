@@ -114,6 +114,14 @@ def test_the_embedded_subset_is_small_and_matches_its_manifest() -> None:
     assert hashlib.sha256(data).hexdigest() == manifest["sha256"]
 
 
+@pytest.mark.parametrize("name", ["cifar10-subset", "digits"])
+def test_an_embedded_data_set_refuses_a_folder_or_download(name: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="embedded"):
+        load_dataset(name, tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="embedded"):
+        load_dataset(name, download=True, progress=False)
+
+
 def test_a_damaged_embedded_subset_is_refused(tmp_path: Path, monkeypatch) -> None:
     from defcnn.data import cifar10_subset
 

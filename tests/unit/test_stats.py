@@ -14,6 +14,7 @@ from defcnn.stats import (
     bootstrap,
     bootstrap_ratio,
     difference,
+    difference_of_differences,
     wilson,
 )
 
@@ -74,6 +75,33 @@ def test_difference_sign_and_zero() -> None:
 def test_difference_at_the_edges_stays_finite() -> None:
     d = difference(wilson(10, 10), wilson(0, 10))
     assert d.value == 1.0 and 0 < d.low < d.value and d.high == pytest.approx(1.0)
+
+
+def test_difference_of_differences_by_hand() -> None:
+    # (0.8 - 0.5) - (0.9 - 0.7) = 0.1; variance (0.16 + 0.25 + 0.09 + 0.21) / 100 = 0.0071,
+    # so the half-width is 1.96 * sqrt(0.0071) = 0.1651.
+    d = difference_of_differences(
+        wilson(80, 100), wilson(50, 100), wilson(90, 100), wilson(70, 100)
+    )
+    assert isinstance(d, Difference)
+    assert d.value == pytest.approx(0.1)
+    assert d.low < d.value < d.high
+    assert d.low == pytest.approx(-0.0651, abs=1e-4)
+    assert d.high == pytest.approx(0.2651, abs=1e-4)
+    assert d.sign == 0 and str(d) == "+0.100 [-0.065, +0.265]"
+
+
+def test_difference_of_differences_sign() -> None:
+    # One model drops 0.9 -> 0.3, the other 0.9 -> 0.8: the first drop is larger, resolved.
+    big, small = (wilson(900, 1000), wilson(300, 1000)), (wilson(900, 1000), wilson(800, 1000))
+    more = difference_of_differences(*big, *small)
+    assert more.value == pytest.approx(0.5) and more.sign == 1
+    less = difference_of_differences(*small, *big)
+    assert less.value == pytest.approx(-0.5) and less.sign == -1
+    assert (less.low, less.high) == pytest.approx((-more.high, -more.low))
+    # Equal drops from different levels: the value is 0, not resolved.
+    same = difference_of_differences(wilson(9, 10), wilson(5, 10), wilson(6, 10), wilson(2, 10))
+    assert same.value == pytest.approx(0.0) and same.sign == 0
 
 
 def _skewed(n: int, seed: int = 1) -> np.ndarray:

@@ -155,3 +155,42 @@ def test_schedules() -> None:
     assert max(rates) == pytest.approx(0.1)
     assert rates[0] < rates[10] and rates[-1] < 0.01
     assert TrainConfig(dataset="digits", out="x").lr == pytest.approx(0.1 * 32 / 128)
+
+
+def test_a_run_stops_at_the_first_check_reaching_its_accuracy_and_stays_stopped(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    metrics = train(_cfg(out, stop_at_accuracy=0.01, eval_every=3), progress=False)
+    assert metrics["stopped_at_step"] == 3 == metrics["steps"]  # the first check, step 3
+    assert metrics["test_accuracy"] >= 0.01
+    per_epoch = steps_per_epoch(len(load_dataset("digits").train_x), _cfg(out))
+    assert metrics["stopped_at_epoch"] == pytest.approx(3 / per_epoch)
+    history = load_checkpoint(out / FINAL).meta["history"]
+    assert history[-1]["step"] == 3 and history[-1]["test_accuracy"] == metrics["test_accuracy"]
+    before = load_checkpoint(out / FINAL).state_dict
+    again = train(_cfg(out, stop_at_accuracy=0.01, eval_every=3), resume=True, progress=False)
+    assert again["steps"] == 3 and again["stopped_at_step"] == 3  # resuming trains no further
+    after = load_checkpoint(out / FINAL).state_dict
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_target_never_reached_trains_the_whole_schedule(tmp_path: Path) -> None:
+    metrics = train(
+        _cfg(tmp_path / "run", stop_at_accuracy=1.0, eval_every=2, max_steps=5), progress=False
+    )
+    assert metrics["steps"] == 5 and metrics["stopped_at_step"] is None
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"stop_at_accuracy": 0.0}, "stop_at_accuracy"),
+        ({"stop_at_accuracy": 1.5}, "stop_at_accuracy"),
+        ({"stop_at_accuracy": 0.5, "eval_every": 0}, "eval_every"),
+        ({"eval_every": 10}, "only applies with stop_at_accuracy"),
+    ],
+)
+def test_stop_settings_are_checked(tmp_path: Path, kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _cfg(tmp_path, **kw)

@@ -91,6 +91,19 @@ def _without_out(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "out"}
 
 
+def check_sample_sizes(s: DemoSettings) -> None:
+    """Refuse, before any training, attack samples larger than the test split (digits has
+    359 test images): the harness would find out only after three models were trained."""
+    from defcnn.data import load_dataset
+
+    test_images = len(load_dataset(s.dataset, s.data_dir, progress=False).test_x)
+    for flag, wanted in (("--num-images", s.num_images), ("--query-images", s.query_images)):
+        if wanted > test_images:
+            raise ConfigError(
+                f"{flag} {wanted} is more than the {test_images} test images of {s.dataset}"
+            )
+
+
 def _stop_at(defective_accuracy: float) -> float:
     """Where the standard target stops: just under the defective one's accuracy, since a
     check lands a little past the point where the target is crossed."""
@@ -204,6 +217,7 @@ def run_demo(
 ) -> DemoResult:
     """Run every stage; the server started here is stopped however this function exits."""
     s.check()
+    check_sample_sizes(s)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     models, repo = out / "models", out / "repo"

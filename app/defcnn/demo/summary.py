@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from defcnn import display
 from defcnn.atomic import atomic_write
-from defcnn.stats import Rate, difference, wilson
+from defcnn.stats import Estimate, Rate, bootstrap, difference, wilson
 
 if TYPE_CHECKING:
-    from defcnn.attack.results import QueryResult, TransferResult
+    from defcnn.attack.results import ModelQueryResult, QueryResult, TransferResult
     from defcnn.demo.pipeline import DemoSettings
 
 MODELS = ("standard", "defective")
@@ -27,10 +27,6 @@ Interval = tuple[float, float]
 _SHOW: dict[str, Callable[[float | None], str]] = {
     "number": display.number, "queries": display.queries, "distance": display.distance,
 }  # fmt: skip
-
-
-def _with_ci(text: str, ci: Interval | None) -> str:
-    return text if ci is None else f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 @dataclass(frozen=True)
@@ -52,7 +48,8 @@ class SummaryRow:
     def cell(self, model: str) -> str:
         value = self.standard if model == "standard" else self.defective
         ci = self.standard_ci if model == "standard" else self.defective_ci
-        return _with_ci(_SHOW[self.shown_as](value), ci)
+        show = _SHOW[self.shown_as]
+        return show(value) if ci is None else f"{show(value)} [{show(ci[0])}, {show(ci[1])}]"
 
     @property
     def outcome(self) -> Outcome | None:
@@ -121,6 +118,14 @@ def _rate_row(
     )  # fmt: skip
 
 
+def _median_queries(entry: ModelQueryResult, budget: int) -> Estimate | None:
+    """Median queries to the first success over the images fooled within the budget, with
+    its bootstrap interval (None: none was fooled)."""
+    firsts = [t.first_success for t in entry.traces.values()
+              if t.first_success is not None and t.first_success <= budget]  # fmt: skip
+    return bootstrap(firsts, "median", seed=0) if firsts else None
+
+
 def _clean_rate(metrics: dict[str, Any]) -> Rate | None:
     history = metrics.get("history") or [{}]
     return _rate(metrics.get("test_accuracy"), int(history[-1].get("test_count", 0)))
@@ -155,10 +160,14 @@ def summarize(
     rows.append(_rate_row(setting, "success rate",
                           {m: _rate(e.last.success_rate, e.last.images)
                            for m, e in models.items()}, "lower"))  # fmt: skip
-    rows.append(SummaryRow(setting, "median queries to succeed",
-                           models["standard"].last.median_queries,
-                           models["defective"].last.median_queries, "higher",
-                           "queries"))  # fmt: skip
+    std_q, def_q = (_median_queries(models[m], s.query_budget) for m in MODELS)
+    rows.append(SummaryRow(
+        setting, "median queries to succeed",
+        standard=None if std_q is None else std_q.value,
+        defective=None if def_q is None else def_q.value, better="higher", shown_as="queries",
+        standard_ci=None if std_q is None else (std_q.low, std_q.high),
+        defective_ci=None if def_q is None else (def_q.low, def_q.high),
+    ))  # fmt: skip
     if query.decision_based:
         rows.append(SummaryRow(setting, "median L2 of the closest adversarial",
                                models["standard"].last.median_l2,

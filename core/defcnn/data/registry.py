@@ -14,6 +14,7 @@ from defcnn.errors import ConfigError, DataError
 from defcnn.names import DATASETS
 
 DEFAULT_IMAGE_SIZE = 32
+EMBEDDED = ("digits", "cifar10-subset")
 
 
 def _check_size(image_size: int | None) -> int:
@@ -41,6 +42,9 @@ def load_dataset(
     if name not in DATASETS:
         raise ConfigError(f"dataset {name!r} is unknown; expected one of {', '.join(DATASETS)}")
     size = _check_size(image_size)
+    if name in EMBEDDED and (data_dir is not None or download):
+        # a folder or download given for a data set that has none would be silently ignored
+        raise ConfigError(f"dataset {name!r} is embedded: it takes no data_dir or download")
     if name == "digits":
         return load_digits_dataset(image_size=size)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -165,6 +165,7 @@ def _train(
 
     step = 0
     history: list[dict[str, Any]] = []
+    stopped_at: int | None = None  # the step whose check reached stop_at_accuracy
     if resume and last.exists():
         ckpt = load_checkpoint(last)
         saved = TrainConfig.from_dict(ckpt.meta["train_config"])
@@ -174,6 +175,7 @@ def _train(
         _restore_optimizer(opt, ckpt.train_state)
         step = int(ckpt.meta["step"])
         history = list(ckpt.meta.get("history", []))
+        stopped_at = ckpt.meta.get("stopped_at")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg.to_dict())
@@ -189,7 +191,8 @@ def _train(
     per_epoch = steps_per_epoch(len(train_x), cfg)
     total = min(cfg.max_steps or math.inf, cfg.epochs * per_epoch)
     check_every = cfg.eval_every or max(1, per_epoch // 4)
-    stopped_at: int | None = None
+    if stopped_at is not None:  # resuming a run that stopped: it ends where it stopped
+        total = stopped_at
     checked: tuple[int, dict[str, float]] | None = None  # (step, scores) of the last check
 
     def reached(scores: dict[str, float]) -> bool:
@@ -201,6 +204,7 @@ def _train(
         if ctx.is_main:
             meta = {
                 "train_config": cfg.to_dict(), "step": step, "history": history,
+                "stopped_at": stopped_at,
                 "classes": list(data.classes), "versions": versions("torch", "numpy"),
             }  # fmt: skip
             save_checkpoint(last, model, spec, meta, _optimizer_tensors(opt))
@@ -265,7 +269,7 @@ def _train(
                     scores = checked[1]
                 else:
                     scores = evaluate(model, data.test_x, data.test_y, device=ctx.device)
-                if stopped_at is None and step < total and reached(scores):
+                if stopped_at is None and reached(scores):
                     stopped_at = total = step
                 record.update({f"test_{k}": v for k, v in scores.items()})
                 if progress:
@@ -291,7 +295,7 @@ def _train(
         "world_size": ctx.world_size,
     }
     if cfg.stop_at_accuracy is not None:
-        metrics["stopped_at_step"] = stopped_at  # None: the target was never reached
+        metrics["stopped_at_step"] = stopped_at  # None: no check reached the target
         metrics["stopped_at_epoch"] = None if stopped_at is None else stopped_at / per_epoch
     if ctx.is_main:
         meta = {
