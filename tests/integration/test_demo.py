@@ -77,8 +77,13 @@ def test_demo_runs_every_stage_and_prints_the_comparison(finished: tuple[Path, s
     assert standard["seed"] == defective["seed"] and not standard["defective"]
     target = round(metrics["defective"]["test_accuracy"] - 0.01, 4)
     assert standard["stop_at_accuracy"] == pytest.approx(max(0.01, target))
-    if metrics["standard"]["stopped_at_step"] is not None:
-        assert metrics["standard"]["test_accuracy"] >= standard["stop_at_accuracy"]
+    assert standard["eval_every"] == max(1, 45 // 10)  # digits: 45 steps an epoch
+    reached = metrics["standard"]["test_accuracy"] >= standard["stop_at_accuracy"]
+    if metrics["standard"]["stopped_at_step"] is None:  # trained all its epochs, short of it
+        assert not reached and metrics["standard"]["steps"] == 45
+    else:  # stopped at a check (every eval_every steps, and at the epoch's end)
+        step = metrics["standard"]["stopped_at_step"]
+        assert reached and (step % standard["eval_every"] == 0 or step == 45)
     summary = json.loads((out / "summary.json").read_text())
     transfer = json.loads((out / "transfer" / "results.json").read_text())
     query = json.loads((out / "query" / "results.json").read_text())

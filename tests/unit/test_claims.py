@@ -24,6 +24,7 @@ OUR_CONTROL = "(our control)"
 BOUNDARY, HSJ = "Boundary:", "HopSkipJump:"
 SHUFFLE, NOISE = "Patch shuffling", "Defective CNNs are more robust to Gaussian noise"
 UNMATCHED = "inconclusive: control not matched (gap"
+OUTSIDE = "disagrees on size (4.7 outside"
 
 
 def _models(gaps: dict[int, float], stopped: dict[int, bool] | None = None) -> dict[str, Any]:
@@ -63,8 +64,14 @@ def _cells(under: list[int], metric: list[int], seed: int = 0) -> list[dict[str,
 def _ratio(target: str, base: str, ci: tuple[float, float]) -> dict[str, Any]:
     seed = int(base.rpartition("-s")[2])
     value = (ci[0] + ci[1]) / 2
-    return {"value": value, "ci": list(ci), "target": target, "base": base, "seed": seed,
-            "statistic": "mean"}  # fmt: skip
+    return {
+        "value": value,
+        "ci": list(ci),
+        "target": target,
+        "base": base,
+        "seed": seed,
+        "statistic": "mean",
+    }
 
 
 def _decision(
@@ -95,7 +102,7 @@ def _rows(drops: list[int], absolute: list[int], corruption: str) -> list[dict[s
             "level": k + 1,
             "defective-control": _sign(a),
             "drop defective-control": _sign(d),
-        }  # fmt: skip
+        }
         for k, (d, a) in enumerate(zip(drops, absolute, strict=True))
     ]
 
@@ -112,7 +119,7 @@ def _data(
         "models": _models(gaps if gaps is not None else {0: 0.005}, stopped),
         "transfer": {"resnet18": {"cells": cells or []}},
         "decision": decision or {},
-        "corruptions": {"0": {"rows": rows}} if rows else {},
+        "corruptions": {str(s): {"rows": rows} for s in (gaps or {0: 0})} if rows else {},
     }
 
 
@@ -154,7 +161,8 @@ def test_no_transfer_cells_is_not_measured() -> None:
     ("under", "metric", "verdict"),
     [
         ([1, 1, 1], [1, 1, 0], "agrees"),
-        ([0, 0, 0], [-1, -1, 0], "disagrees"),
+        ([-1, -1, 0], [-1, -1, -1], "disagrees"),
+        ([0, 0, 0], [-1, -1, 0], "mixed (metric: disagrees, accuracy under attack: inconclusive)"),
         ([-1, -1, -1], [1, 1, 1], "mixed (metric: agrees, accuracy under attack: disagrees)"),
         ([1, 1, 1], [-1, -1, 0], "mixed (metric: disagrees, accuracy under attack: agrees)"),
         ([1, 1, 1], [0, 0, 1], "mixed (metric: inconclusive, accuracy under attack: agrees)"),
@@ -179,18 +187,23 @@ def test_transfer_verdict_follows_the_papers_metric(
 
 
 @pytest.mark.parametrize(
-    ("gaps", "stopped", "unmatched"),
+    ("gaps", "stopped", "unmatched", "boundary_matched"),
     [
-        ({0: 0.005}, None, None),
-        ({0: cc.MATCH_TOLERANCE}, None, None),  # the tolerance itself is still matched
-        ({0: 0.03}, None, "0.030"),
-        ({0: 0.005}, {0: False}, "0.005"),  # close, but it never reached its target
-        ({0: 0.005, 1: 0.03}, None, "0.030"),  # any seed used
-        ({0: 0.005, 1: 0.01}, {0: True, 1: False}, "0.010"),
+        ({0: 0.005}, None, None, True),
+        ({0: cc.MATCH_TOLERANCE}, None, None, True),  # the tolerance itself is still matched
+        ({0: 0.03}, None, "0.030", False),
+        ({0: 0.005}, {0: False}, "0.005", False),  # close, but it never reached its target
+        # Any seed used: seed 1 is in the transfer cells and corruptions, not the Boundary
+        # ratios (seed 0 only), which stand.
+        ({0: 0.005, 1: 0.03}, None, "0.030", True),
+        ({0: 0.005, 1: 0.01}, {0: True, 1: False}, "0.010", True),
     ],
 )
 def test_claims_against_the_control_need_a_matched_control(
-    gaps: dict[int, float], stopped: dict[int, bool] | None, unmatched: str | None
+    gaps: dict[int, float],
+    stopped: dict[int, bool] | None,
+    unmatched: str | None,
+    boundary_matched: bool,
 ) -> None:
     cells = [c for s in gaps for c in _cells([1, 1, 1], [1, 1, 1], seed=s)]
     data = _data(
@@ -201,21 +214,22 @@ def test_claims_against_the_control_need_a_matched_control(
         rows=_rows([1, 1, 1], [-1, -1, -1], "patch_shuffle")
         + _rows([-1, -1, -1], [1, 1, 1], "gaussian_noise")[1:],
     )
-    against_control = (VS_CONTROL, OUR_CONTROL, SHUFFLE, NOISE)
     if unmatched is None:
         assert _claim(data, VS_CONTROL).verdict == "agrees"
         assert _claim(data, OUR_CONTROL).verdict == "yes: a confound to control for"
         assert _claim(data, SHUFFLE).verdict == "agrees"
         assert _claim(data, NOISE).verdict == "agrees"
-        assert _claim(data, BOUNDARY).verdict == "agrees in direction, agrees on size"
     else:
-        for start in against_control:
+        for start in (VS_CONTROL, OUR_CONTROL, SHUFFLE, NOISE):
             verdict = _claim(data, start).verdict
             assert verdict.startswith(f"{UNMATCHED} {unmatched})"), (start, verdict)
-        # Boundary: the ratio against the standard still stands, the one against the control not.
-        boundary = _claim(data, BOUNDARY).verdict
+    boundary = _claim(data, BOUNDARY).verdict
+    if boundary_matched:
+        assert boundary == "agrees in direction, agrees on size"
+    else:  # the ratio against the standard still stands, the one against the control not
         assert boundary.startswith(
-            "mixed: vs standard-s0: agrees in direction, agrees on size; vs control-s0: "
+            "mixed: vs standard-s0: agrees in direction, agrees on size; "
+            f"vs control-s0: {UNMATCHED} {unmatched})"
         )
     # The claim against the fully trained standard never depends on the control.
     assert _claim(data, VS_STANDARD).verdict == "agrees"
@@ -246,15 +260,15 @@ def test_control_mismatch_names_the_gap_and_a_control_that_never_stopped() -> No
     ("attack", "ci", "verdict"),
     [
         ("boundary", (4.0, 5.5), "agrees in direction, agrees on size"),
-        ("boundary", (1.2, 2.0), "agrees in direction, disagrees on size (4.7 outside [1.20, 2.00])"),
-        ("boundary", (5.0, 9.0), "agrees in direction, disagrees on size (4.7 outside [5.00, 9.00])"),
-        ("boundary", (0.5, 0.9), "disagrees, disagrees on size (4.7 outside [0.50, 0.90])"),
+        ("boundary", (1.2, 2.0), f"agrees in direction, {OUTSIDE} [1.20, 2.00])"),
+        ("boundary", (5.0, 9.0), f"agrees in direction, {OUTSIDE} [5.00, 9.00])"),
+        ("boundary", (0.5, 0.9), f"disagrees, {OUTSIDE} [0.50, 0.90])"),
         ("boundary", (0.8, 6.0), "inconclusive, agrees on size"),
         ("hopskipjump", (1.2, 2.0), "agrees in direction"),
         ("hopskipjump", (0.5, 0.9), "disagrees"),
         ("hopskipjump", (0.9, 1.1), "inconclusive"),
     ],
-)  # fmt: skip
+)
 def test_decision_ratio_direction_and_size(
     attack: str, ci: tuple[float, float], verdict: str
 ) -> None:
@@ -342,17 +356,18 @@ def _write(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj))
 
 
-def test_models_records_the_stop_and_the_gap(tmp_path: Path) -> None:
-    for prefix, acc, stop, step in (
-        ("std", 0.90, None, None),
-        ("def", 0.80, None, None),
-        ("ctl", 0.83, 0.79, None),  # never reached its target
-    ):
-        history = [{"step": 10, "test_accuracy": acc, "test_count": 1000}]
-        metrics = {"test_accuracy": acc, "history": history, "epochs_completed": 2,
-                   "seconds_this_session": 1.0}  # fmt: skip
-        if stop is not None:
-            metrics["stopped_at_step"] = step
+@pytest.mark.parametrize("control", [0.83, 0.77])  # the gap is a distance, either side
+def test_models_records_the_stop_and_the_gap(tmp_path: Path, control: float) -> None:
+    for prefix, value, stop in (("std", 0.90, None), ("def", 0.80, None), ("ctl", control, 0.79)):
+        history = [{"step": 10, "test_accuracy": value, "test_count": 1000}]
+        metrics: dict[str, Any] = {
+            "test_accuracy": value,
+            "history": history,
+            "epochs_completed": 2,
+            "seconds_this_session": 1.0,
+        }
+        if stop is not None:  # as training writes it: the control never reached its target
+            metrics["stopped_at_step"] = None
         _write(tmp_path / f"{prefix}-s0" / "metrics.json", metrics)
         _write(tmp_path / f"{prefix}-s0" / "config.json", {"epochs": 2, "stop_at_accuracy": stop})
     acc = cc.models(tmp_path, cc.seeds_of(tmp_path))
@@ -376,7 +391,7 @@ def test_transfer_refuses_a_setting_without_all_three_targets(tmp_path: Path) ->
             "images": 100,
             "transfer_accuracy": 0.5,
             "transfer_subset": 50,
-        }  # fmt: skip
+        }
         for t in ("standard-s0", "defective-s0")
     ]
     _write(tmp_path / "transfer-resnet18" / "results.json", {"rows": rows})
@@ -393,9 +408,11 @@ def test_corruptions_compute_the_difference_of_drops(tmp_path: Path) -> None:
 
     _write(
         tmp_path / "corruptions-s0.json",
-        {"images": 1000, "rows": [row("clean", 0, 0.9, 0.9, 0.9),
-                                  row("patch_shuffle", 2, 0.8, 0.3, 0.8)]},
-    )  # fmt: skip
+        {
+            "images": 1000,
+            "rows": [row("clean", 0, 0.9, 0.9, 0.9), row("patch_shuffle", 2, 0.8, 0.3, 0.8)],
+        },
+    )
     rows = cc.corruptions(tmp_path, [0])["0"]["rows"]
     assert "drop defective-control" not in rows[0]
     drop = rows[1]["drop defective-control"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from defcnn.attack.results import QueryResult, TransferResult
 
 TARGETS = ("standard", "defective")
+CHECKS_PER_EPOCH = 10  # how often the standard target's accuracy is checked against the target
 
 
 @dataclass(frozen=True)
@@ -91,17 +93,19 @@ def _without_out(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "out"}
 
 
-def check_sample_sizes(s: DemoSettings) -> None:
+def check_sample_sizes(s: DemoSettings) -> int:
     """Refuse, before any training, attack samples larger than the test split (digits has
-    359 test images): the harness would find out only after three models were trained."""
+    359 test images): the harness would find out only after three models were trained.
+    Returns the number of training images."""
     from defcnn.data import load_dataset
 
-    test_images = len(load_dataset(s.dataset, s.data_dir, progress=False).test_x)
+    data = load_dataset(s.dataset, s.data_dir, progress=False)
     for flag, wanted in (("--num-images", s.num_images), ("--query-images", s.query_images)):
-        if wanted > test_images:
+        if wanted > len(data.test_x):
             raise ConfigError(
-                f"{flag} {wanted} is more than the {test_images} test images of {s.dataset}"
+                f"{flag} {wanted} is more than the {len(data.test_x)} test images of {s.dataset}"
             )
+    return len(data.train_x)
 
 
 def _stop_at(defective_accuracy: float) -> float:
@@ -110,7 +114,9 @@ def _stop_at(defective_accuracy: float) -> float:
     return max(0.01, round(defective_accuracy - MATCH_TOLERANCE / 2, 4))
 
 
-def train_models(s: DemoSettings, models: Path, *, progress: bool) -> dict[str, dict[str, Any]]:
+def train_models(
+    s: DemoSettings, models: Path, train_images: int, *, progress: bool
+) -> dict[str, dict[str, Any]]:
     """The defective target, the standard one (same seed; stopped at the defective one's
     accuracy when matching) and a surrogate trained independently."""
     from defcnn.training import TrainConfig, train
@@ -135,7 +141,10 @@ def train_models(s: DemoSettings, models: Path, *, progress: bool) -> dict[str, 
     metrics: dict[str, dict[str, Any]] = {}
     for name, cfg in configs.items():
         if name == "standard" and s.match_accuracy:
-            cfg = replace(cfg, stop_at_accuracy=_stop_at(metrics["defective"]["test_accuracy"]))
+            # a check every tenth of an epoch: accuracy moves a few points per quarter epoch
+            every = max(1, math.ceil(train_images / cfg.batch_size) // CHECKS_PER_EPOCH)
+            cfg = replace(cfg, stop_at_accuracy=_stop_at(metrics["defective"]["test_accuracy"]),
+                          eval_every=every)  # fmt: skip
         out = Path(cfg.out)
         saved = out / "config.json"
         if saved.exists() and _without_out(json.loads(saved.read_text())) != _without_out(
@@ -217,7 +226,7 @@ def run_demo(
 ) -> DemoResult:
     """Run every stage; the server started here is stopped however this function exits."""
     s.check()
-    check_sample_sizes(s)
+    train_images = check_sample_sizes(s)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     models, repo = out / "models", out / "repo"
@@ -229,7 +238,7 @@ def run_demo(
 
     with sigterm_as_interrupt():
         _log(f"[1/5] training defective, standard and surrogate models on {s.dataset}")
-        train_metrics = train_models(s, models, progress=progress)
+        train_metrics = train_models(s, models, train_images, progress=progress)
         stage("train")
         _log(f"[2/5] exporting both targets to {repo}")
         export_targets(models, repo)
