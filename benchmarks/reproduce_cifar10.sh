@@ -2,7 +2,7 @@
 # CIFAR-10 evaluation of the paper's claims on a CPU-sized configuration (docs/results.md).
 # Usage: benchmarks/reproduce_cifar10.sh [train|attack|all]
 #   env: DATA, RUNS, WIDTH, SEEDS ("0 1 2"), TARGET_EPOCHS, SURROGATE_EPOCHS, SURROGATES,
-#        IMAGES, QUERY_IMAGES, QUERY_BUDGET, QUERY_ATTACKS, QUERY_SEEDS
+#        IMAGES, QUERY_IMAGES, QUERY_BUDGET, QUERY_ATTACKS, QUERY_SEEDS, QUERY_ROLES
 # Per target seed S: std-sS and def-sS (same seed, same schedule) and ctl-sS, the standard
 # model stopped at def-sS's clean accuracy (the accuracy-matched control). Surrogates are
 # standard models with seeds no target has. Runs go to runs/c10; a rerun skips what is done.
@@ -49,6 +49,7 @@ if [ "$STAGE" = attack ] || [ "$STAGE" = all ]; then
   if [ "$DATASET" = digits ]; then IMAGES=${IMAGES:-300}; fi  # digits: 359 test images
   IMAGES=${IMAGES:-1000}; QUERY_IMAGES=${QUERY_IMAGES:-70}; QUERY_BUDGET=${QUERY_BUDGET:-10000}
   QUERY_ATTACKS=${QUERY_ATTACKS:-"boundary hopskipjump"}; QUERY_SEEDS=${QUERY_SEEDS:-0}
+  QUERY_ROLES=${QUERY_ROLES:-"standard defective control"}
   models=(); query_models=()
   for s in $SEEDS; do
     for pair in std:standard def:defective ctl:control; do
@@ -56,7 +57,8 @@ if [ "$STAGE" = attack ] || [ "$STAGE" = all ]; then
       [ -f "$RUNS/repo/$name/1/model.onnx" ] || defcnn export "$RUNS/$run/model.safetensors" \
         --repo "$RUNS/repo" --name "$name" --version 1 "${DATA_ARGS[@]}"
       models+=(--model "$name")
-      case " $QUERY_SEEDS " in *" $s "*) query_models+=(--model "$name");; esac
+      case " $QUERY_SEEDS " in *" $s "*)
+        case " $QUERY_ROLES " in *" ${pair##*:} "*) query_models+=(--model "$name");; esac;; esac
     done
     # patch shuffling and Gaussian noise on the whole test split (in-process PyTorch)
     [ -f "$RUNS/corruptions-s$s.json" ] || defcnn evaluate "$RUNS/std-s$s/model.safetensors" \
