@@ -146,6 +146,7 @@ def test_the_server_is_stopped_when_the_demo_is_interrupted(
     out = tmp_path / "run"
     for part in ("models", "repo"):  # trained already: the demo goes straight to serving
         shutil.copytree(trained / part, out / part)
+    shutil.copy(trained / "exported.json", out / "exported.json")
     long = [*TINY, "--budget", "100000", "--query-images", "50", "--attack", "pgd"]
     errors = tmp_path / "stderr.txt"
     with open(errors, "w") as sink:  # a file, not a pipe: an unread pipe could block the demo
@@ -195,3 +196,17 @@ def test_samples_larger_than_the_test_split_are_refused_before_training(
     assert main(["demo", "--out", str(out), *TINY, "--num-images", "360"]) == EXIT_USAGE
     assert "--num-images 360 is more than the 359 test images of digits" in capsys.readouterr().err
     assert not (out / "models").exists()  # nothing was trained
+
+
+def test_an_export_of_another_checkpoint_is_not_reused(
+    finished: tuple[Path, str], tmp_path: Path, capsys
+) -> None:
+    trained, _ = finished
+    out = tmp_path / "run"
+    for part in ("models", "repo"):
+        shutil.copytree(trained / part, out / part)
+    shutil.copy(trained / "exported.json", out / "exported.json")
+    ckpt = out / "models" / "defective" / "model.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes() + b" ")  # a checkpoint the export was not made from
+    assert main(["demo", "--out", str(out), *TINY]) == EXIT_USAGE
+    assert "exported from another checkpoint" in capsys.readouterr().err

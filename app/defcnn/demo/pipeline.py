@@ -12,6 +12,7 @@ there, so an interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
@@ -164,16 +165,28 @@ def train_models(
     return metrics
 
 
-def export_targets(models: Path, repo: Path) -> None:
-    """Both targets into one model repository (version 1), each verified against PyTorch."""
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_targets(models: Path, repo: Path, exported: Path) -> None:
+    """Both targets into one model repository (version 1), each verified against PyTorch.
+    `exported` records the checkpoint each export came from, so an export is reused only for
+    the checkpoint it was made from."""
     from defcnn.export.exporter import ExportSettings, export
 
+    sources = json.loads(exported.read_text()) if exported.exists() else {}
     for name in TARGETS:
+        checkpoint = models / name / "model.safetensors"
         if (repo / name / "1" / MODEL_FILE).exists():
+            if sources.get(name) != _sha256(checkpoint):
+                raise ConfigError(f"{repo / name} was exported from another checkpoint than "
+                                  f"{checkpoint}; use another --out")  # fmt: skip
             _log(f"  {name}: reusing {repo / name}")
             continue
-        export(ExportSettings(checkpoint=str(models / name / "model.safetensors"),
-                              repo=str(repo), name=name, version=1))  # fmt: skip
+        export(ExportSettings(checkpoint=str(checkpoint), repo=str(repo), name=name, version=1))
+        sources[name] = _sha256(checkpoint)
+        write_json(exported, sources)
         _log(f"  {name}: {repo / name / '1' / MODEL_FILE} (verified against PyTorch)")
 
 
@@ -241,7 +254,7 @@ def run_demo(
         train_metrics = train_models(s, models, train_images, progress=progress)
         stage("train")
         _log(f"[2/5] exporting both targets to {repo}")
-        export_targets(models, repo)
+        export_targets(models, repo, out / "exported.json")
         stage("export")
         _preload_attacks()
         _log("[3/5] starting the server")
