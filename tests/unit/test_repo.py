@@ -86,13 +86,21 @@ class Import:
 
 
 def read_imports(source: str, module: str, *, is_package: bool) -> list[Import]:
-    """Every Import/ImportFrom in `source` (also inside functions and classes), relative
-    imports resolved against `module`, plus `importlib.import_module("literal")` calls."""
+    """Every Import/ImportFrom in `source` (also inside functions and classes, not under
+    `if TYPE_CHECKING:`), relative imports resolved against `module`, plus
+    `importlib.import_module("literal")` calls."""
     tree = ast.parse(source)
     package = module if is_package else module.rpartition(".")[0]
     found: list[Import] = []
 
     def visit(node: ast.AST, module_level: bool) -> None:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in (
+            "TYPE_CHECKING",
+            "typing.TYPE_CHECKING",
+        ):
+            for branch in node.orelse:  # the body only runs under a type checker
+                visit(branch, module_level)
+            return
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
             module_level = False  # runs when called, not when imported
         if isinstance(node, ast.Import):
@@ -425,3 +433,12 @@ def test_the_closure_follows_lazy_imports_into_the_real_tree() -> None:
     assert lazy and not lazy[0].module_level
     assert "cuda-python" in provided_by(("tensorrt",)) and "torch" in provided_by(("all",))
     assert "torch" not in provided_by(())
+
+
+def test_imports_under_type_checking_do_not_count() -> None:
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    import torch\nelse:\n    import numpy\n"
+    )
+    names = {i.name for i in read_imports(source, "defcnn.cli", is_package=False)}
+    assert "torch" not in names and "numpy" in names
