@@ -36,7 +36,7 @@ from defcnn.stats import (
     bootstrap_ratio,
     difference,
     difference_of_differences,
-    wilson,
+    rate_of,
 )
 
 ROLES = ("standard", "defective", "control")
@@ -73,10 +73,6 @@ class Claim:
 
 def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
-
-
-def _rate(value: float, trials: int) -> Rate:
-    return wilson(round(value * trials), trials)
 
 
 def _ci(rate: Rate) -> list[float]:
@@ -118,7 +114,7 @@ def models(runs: Path, seeds: list[int]) -> dict[str, dict[str, Any]]:
                 continue
             m, cfg = _load(folder / "metrics.json"), _load(folder / "config.json")
             n = int(m["history"][-1]["test_count"])
-            rate = _rate(m["test_accuracy"], n)
+            rate = rate_of(m["test_accuracy"], n)
             out[f"{role}-s{s}"] = {
                 "role": role,
                 "seed": s,
@@ -185,10 +181,10 @@ def transfer(runs: Path) -> dict[str, Any]:
                         f"{', '.join(ROLES)}): rerun its transfer attack"
                     )
                 under = {
-                    ro: _rate(r["accuracy_adversarial"], r["images"]) for ro, r in rows.items()
+                    ro: rate_of(r["accuracy_adversarial"], r["images"]) for ro, r in rows.items()
                 }
                 metric = {
-                    ro: _rate(r["transfer_accuracy"], r["transfer_subset"])
+                    ro: rate_of(r["transfer_accuracy"], r["transfer_subset"])
                     for ro, r in rows.items()
                     if r["transfer_subset"]
                 }
@@ -221,7 +217,7 @@ def transfer(runs: Path) -> dict[str, Any]:
 
 
 def _corruption_rates(row: dict[str, Any], seed: int, images: int) -> dict[str, Rate]:
-    return {ro: _rate(row[f"{RUN_PREFIX[ro]}-s{seed}"], images) for ro in ROLES}
+    return {ro: rate_of(row[f"{RUN_PREFIX[ro]}-s{seed}"], images) for ro in ROLES}
 
 
 def corruptions(runs: Path, seeds: list[int]) -> dict[str, Any]:
@@ -380,8 +376,8 @@ def claims(data: dict[str, Any]) -> list[Claim]:
         if m["role"] == "defective" and f"standard-s{m['seed']}" in acc:
             std = acc[f"standard-s{m['seed']}"]
             d = difference(
-                _rate(m["test_accuracy"], m["test_images"]),
-                _rate(std["test_accuracy"], std["test_images"]),
+                rate_of(m["test_accuracy"], m["test_images"]),
+                rate_of(std["test_accuracy"], std["test_images"]),
             )
             gaps.append(f"seed {m['seed']}: {d}")
     out.append(
@@ -541,7 +537,7 @@ def models_table(acc: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for m in acc.values():
-        rate = _rate(m["test_accuracy"], m["test_images"])
+        rate = rate_of(m["test_accuracy"], m["test_images"])
         step, gap = m.get("stopped_at_step"), m.get("gap")
         if m["stop_at_accuracy"] is None:
             stopped = "-"

@@ -50,6 +50,12 @@ def wilson(successes: int, trials: int, z: float = Z_95) -> Rate:
     return Rate(successes, trials, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
+def rate_of(fraction: float, trials: int) -> Rate:
+    """The Wilson rate of a stored fraction over `trials` (results files keep fractions; the
+    count is recovered exactly, since fraction * trials is within rounding of an integer)."""
+    return wilson(round(fraction * trials), trials)
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A measured number and its 95% interval, so the two always travel together."""

@@ -177,3 +177,10 @@ def test_bootstrap_ratio_refuses_a_zero_denominator_and_bad_input() -> None:
         bootstrap_ratio([1.0], [], "mean")
     with pytest.raises(ConfigError, match="non-finite"):
         bootstrap_ratio([float("nan")], [1.0], "mean")
+
+
+def test_rate_of_recovers_the_count_of_a_stored_fraction() -> None:
+    from defcnn.stats import rate_of
+
+    assert rate_of(351 / 359, 359) == wilson(351, 359)
+    assert rate_of(0.1 + 0.2, 10) == wilson(3, 10)  # 0.30000000000000004 still means 3 of 10

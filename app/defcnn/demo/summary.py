@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from defcnn import display
 from defcnn.atomic import atomic_write
-from defcnn.stats import Estimate, Rate, bootstrap, difference, wilson
+from defcnn.stats import Estimate, Rate, bootstrap, difference, rate_of
 
 if TYPE_CHECKING:
     from defcnn.attack.results import ModelQueryResult, QueryResult, TransferResult
@@ -98,7 +98,7 @@ class DemoSummary:
 def _rate(value: float | None, trials: int) -> Rate | None:
     if value is None or value != value or trials < 1:
         return None
-    return wilson(round(value * trials), trials)
+    return rate_of(value, trials)
 
 
 def _rate_row(
