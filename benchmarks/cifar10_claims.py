@@ -48,7 +48,7 @@ LABELS = {
 }
 COLORS = {"standard": "tab:gray", "defective": "tab:blue", "control": "tab:orange"}
 ATTACK_ORDER = ("fgsm", "pgd", "mifgsm")
-PAPER_BOUNDARY_RATIO = 4.7  # mean ||delta||^2/(3HW), keep 0.1 over standard ResNet-18
+PAPER_BOUNDARY_RATIO = 4.7  # mean ‖delta‖^2/(3HW), keep 0.1 over standard ResNet-18
 REPRODUCE = "benchmarks/reproduce_cifar10.sh"
 STATISTICS: tuple[Statistic, ...] = ("mean", "median")
 # A control is matched when it stopped (reached its --stop-at-accuracy target) and its clean
@@ -259,7 +259,7 @@ def corruptions(runs: Path, seeds: list[int]) -> dict[str, Any]:
 
 
 def _per_image_figure(entry: dict[str, Any], budget: int, pixels: int) -> list[float]:
-    """||delta||^2/(3HW) of each attacked image's closest adversarial within the budget."""
+    """‖delta‖^2/(3HW) of each attacked image's closest adversarial within the budget."""
     values = []
     for trace in entry["traces"].values():
         best = min((l2 for q, l2 in trace["improvements"] if q <= budget), default=None)
@@ -481,7 +481,7 @@ def claims(data: dict[str, Any]) -> list[Claim]:
                 f"{label}: defective CNNs need larger perturbations "
                 f"({dec['budget']} queries/image, {dec['images']} images)",
                 paper,
-                "ratio of mean ||delta||^2/(3HW), " + "; ".join(parts),
+                "ratio of mean ‖delta‖^2/(3HW), " + "; ".join(parts),
                 verdict,
                 f"{REPRODUCE} attack",
             )
@@ -635,7 +635,7 @@ def corruption_table(data: dict[str, Any]) -> str:
 
 def decision_table(data: dict[str, Any]) -> str:
     lines = [
-        "| attack | target | clean acc | attacked | found | mean ||delta||^2/(3HW) [95%] | "
+        "| attack | target | clean acc | attacked | found | mean ‖delta‖^2/(3HW) [95%] | "
         "median [95%] |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -754,7 +754,7 @@ def plot_decision(data: dict[str, Any], img: Path) -> None:
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_yscale("log")
         ax.set_title(f"{attack}, {res['budget']} queries/image")
-    axes[0][0].set_ylabel("||delta||^2/(3HW) (95% bootstrap)")
+    axes[0][0].set_ylabel("‖delta‖^2/(3HW) (95% bootstrap)")
     axes[0][0].legend()
     fig.tight_layout()
     _save(fig, img / "cifar10-decision.png")
