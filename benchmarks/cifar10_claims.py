@@ -91,6 +91,15 @@ def _est_dict(d: Difference) -> dict[str, Any]:
     return {"value": d.value, "ci": [d.low, d.high], "sign": d.sign}
 
 
+def _signed(d: dict[str, Any]) -> str:
+    """A stored difference with its interval: `+0.123 [+0.050, +0.190]`."""
+    return f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+
+def _md_row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def _diff_dict(a: Rate, b: Rate) -> dict[str, Any]:
     return _est_dict(difference(a, b))
 
@@ -570,14 +579,9 @@ def transfer_table(data: dict[str, Any]) -> str:
                 _ci_text(c[ro]["accuracy_under_attack"], c[ro]["accuracy_under_attack_ci"])
                 for ro in ROLES
             ]
-            diffs = [
-                f"{c[k]['value']:+.3f} [{c[k]['ci'][0]:+.3f}, {c[k]['ci'][1]:+.3f}]"
-                for k in ("defective-control", "defective-standard")
-            ]
+            diffs = [_signed(c[k]) for k in ("defective-control", "defective-standard")]
             lines.append(
-                f"| {sur} | {c['seed']} | {c['attack']} | {c['eps_255']:g} | "
-                + " | ".join(cells + diffs)
-                + " |"
+                _md_row(sur, str(c["seed"]), c["attack"], f"{c['eps_255']:g}", *cells, *diffs)
             )
     return "\n".join(lines)
 
@@ -598,11 +602,7 @@ def metric_table(data: dict[str, Any]) -> str:
                     if v is None
                     else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] ({c[ro]['transfer_subset']})"
                 )
-            lines.append(
-                f"| {sur} | {c['seed']} | {c['attack']} | {c['eps_255']:g} | "
-                + " | ".join(cells)
-                + " |"
-            )
+            lines.append(_md_row(sur, str(c["seed"]), c["attack"], f"{c['eps_255']:g}", *cells))
     return "\n".join(lines)
 
 
@@ -620,15 +620,9 @@ def corruption_table(data: dict[str, Any]) -> str:
                 for ro in ROLES
             ]
             d, drop = r["defective-control"], r.get("drop defective-control")
-            drop_text = (
-                "-"
-                if drop is None
-                else f"{drop['value']:+.3f} [{drop['ci'][0]:+.3f}, {drop['ci'][1]:+.3f}]"
-            )
+            drop_text = "-" if drop is None else _signed(drop)
             lines.append(
-                f"| {s} | {r['corruption']} | {r['level']:g} | "
-                + " | ".join(cells)
-                + f" | {d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {drop_text} |"
+                _md_row(s, r["corruption"], f"{r['level']:g}", *cells, _signed(d), drop_text)
             )
     return "\n".join(lines)
 
