@@ -277,35 +277,53 @@ def _per_image_figure(entry: dict[str, Any], budget: int, pixels: int) -> list[f
     return values
 
 
+SAME_SETTING = ("budget", "data", "seed", "eps_255")  # what runs of one attack must share
+
+
+def _decision_entry(
+    path: Path, name: str, entry: dict[str, Any], budget: int, values: dict[str, list[float]]
+) -> dict[str, Any]:
+    """One target's figure from a query-attack run; its per-image values go into `values`."""
+    fig = entry["boundary_figure"]
+    if fig is None:
+        raise SystemExit(f"{path} has no figure for {name}: rerun its attack")
+    values[name] = _per_image_figure(entry, budget, 3 * 32 * 32)
+    if values[name] and not np.isclose(np.mean(values[name]), fig["mean"], rtol=1e-3):
+        raise SystemExit(f"{path}: {name}'s traces disagree with its figure")
+    return {
+        "clean_accuracy": entry["clean_accuracy"],
+        "attacked": entry["attacked"],
+        "found": fig["images"],
+        "missing": fig["missing"],
+        "mean": fig["mean"],
+        "mean_ci": fig.get("mean_ci"),
+        "median": fig["median"],
+        "median_ci": fig.get("median_ci"),
+    }
+
+
 def decision(runs: Path) -> dict[str, Any]:
     """Boundary and HopSkipJump: the paper's figure per target with bootstrap intervals,
     and its ratio defective / standard and defective / control."""
     out: dict[str, Any] = {}
     for attack in ("boundary", "hopskipjump"):
-        path = runs / attack / "results.json"
-        if not path.exists():
+        paths = sorted(runs.glob(f"{attack}-*/results.json"))  # one per set of targets
+        if not paths:
             continue
-        res = _load(path)
-        budget = res["config"]["budget"]
         entries: dict[str, Any] = {}
         values: dict[str, list[float]] = {}
-        for name, entry in res["models"].items():
-            fig = entry["boundary_figure"]
-            if fig is None:
-                raise SystemExit(f"{path} has no figure for {name}: rerun its attack")
-            values[name] = _per_image_figure(entry, budget, 3 * 32 * 32)
-            if values[name] and not np.isclose(np.mean(values[name]), fig["mean"], rtol=1e-3):
-                raise SystemExit(f"{path}: {name}'s traces disagree with its figure")
-            entries[name] = {
-                "clean_accuracy": entry["clean_accuracy"],
-                "attacked": entry["attacked"],
-                "found": fig["images"],
-                "missing": fig["missing"],
-                "mean": fig["mean"],
-                "mean_ci": fig.get("mean_ci"),
-                "median": fig["median"],
-                "median_ci": fig.get("median_ci"),
-            }
+        first: dict[str, Any] | None = None
+        for path in paths:
+            res = _load(path)
+            setting = {k: res["config"][k] for k in SAME_SETTING}
+            if first is None:
+                first, budget, images = setting, setting["budget"], res["dataset"]["images"]
+            elif setting != first:
+                raise SystemExit(f"{path} was run with other settings than {paths[0]}: {setting}")
+            for name, entry in res["models"].items():
+                if name in entries:
+                    raise SystemExit(f"{name} has two {attack} runs (one in {path}); remove one")
+                entries[name] = _decision_entry(path, name, entry, budget, values)
         ratios: dict[str, Any] = {}
         for name in entries:
             role, _, seed = name.rpartition("-s")
@@ -324,7 +342,7 @@ def decision(runs: Path) -> dict[str, Any]:
                         }
         out[attack] = {
             "budget": budget,
-            "images": res["dataset"]["images"],
+            "images": images,
             "models": entries,
             "ratios": ratios,
         }

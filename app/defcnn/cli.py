@@ -125,6 +125,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         metavar="STEPS",
         help="with --stop-at-accuracy: check every STEPS steps (default 1/4 epoch)",
     )
+    p.add_argument("--stop-within", type=_positive_float, metavar="TOL",
+                   help="with --stop-at-accuracy: stop at the first check within TOL of ACC, "
+                   "on either side, checking 8x as often once within 0.05 of ACC (default: "
+                   "the first check at or past ACC)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
@@ -144,7 +148,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flip=False if args.no_flip else FROM_PRESET, seed=args.seed, device=args.device,
         amp=not args.no_amp, out=args.out, checkpoint_seconds=args.checkpoint_seconds,
         max_steps=args.max_steps, stop_at_accuracy=args.stop_at_accuracy,
-        eval_every=args.eval_every,
+        eval_every=args.eval_every, stop_within=args.stop_within,
     )  # fmt: skip
     metrics = train(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps(metrics, indent=2))

@@ -420,3 +420,40 @@ def test_corruptions_compute_the_difference_of_drops(tmp_path: Path) -> None:
         wilson(900, 1000), wilson(300, 1000), wilson(900, 1000), wilson(800, 1000)
     )
     assert drop == {"value": pytest.approx(0.5), "ci": [want.low, want.high], "sign": 1}
+
+
+def _query_run(folder: Path, l2: dict[str, list[float]], budget: int = 100) -> None:
+    """A query-attack results.json with one trace per image: its closest L2 at 10 queries."""
+    models = {}
+    for name, norms in l2.items():
+        figures = [v * v / (3 * 32 * 32) for v in norms]
+        models[name] = {
+            "clean_accuracy": 0.8, "attacked": len(norms),
+            "traces": {str(i): {"improvements": [[10, v]]} for i, v in enumerate(norms)},
+            "boundary_figure": {
+                "images": len(norms), "missing": 0, "mean": sum(figures) / len(figures),
+                "median": sorted(figures)[len(figures) // 2],
+            },
+        }  # fmt: skip
+    config = {"budget": budget, "data": {"num_images": 80, "seed": 0}, "seed": 0, "eps_255": 16}
+    _write(folder / "results.json", {"config": config, "dataset": {"images": 80}, "models": models})
+
+
+def test_decision_merges_runs_made_for_different_targets(tmp_path: Path) -> None:
+    _query_run(tmp_path / "boundary-standard-s0+defective-s0",
+               {"standard-s0": [1.0, 2.0, 3.0], "defective-s0": [2.0, 4.0, 6.0]})  # fmt: skip
+    _query_run(tmp_path / "boundary-control-s0", {"control-s0": [1.0, 1.0, 1.0]})
+    res = cc.decision(tmp_path)["boundary"]
+    assert set(res["models"]) == {"standard-s0", "defective-s0", "control-s0"}
+    assert res["ratios"]["defective-s0/standard-s0 mean"]["value"] == pytest.approx(4.0)
+    assert res["ratios"]["defective-s0/control-s0 mean"]["value"] == pytest.approx(56 / 3)
+
+
+def test_decision_refuses_runs_that_differ_or_repeat_a_target(tmp_path: Path) -> None:
+    _query_run(tmp_path / "boundary-standard-s0", {"standard-s0": [1.0, 2.0]})
+    _query_run(tmp_path / "boundary-control-s0", {"control-s0": [1.0, 2.0]}, budget=200)
+    with pytest.raises(SystemExit, match="other settings"):
+        cc.decision(tmp_path)
+    _query_run(tmp_path / "boundary-control-s0", {"standard-s0": [1.0, 2.0]})
+    with pytest.raises(SystemExit, match="two boundary runs"):
+        cc.decision(tmp_path)

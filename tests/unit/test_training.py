@@ -22,6 +22,7 @@ from defcnn.layers import mask_buffers
 from defcnn.layers.defective import derive_seed
 from defcnn.models import create_model
 from defcnn.training import TrainConfig, lr_at, train
+from defcnn.training.config import NEAR_TARGET
 from defcnn.training.loop import FINAL, LAST, epoch_order, global_batch, steps_per_epoch
 
 TINY: dict[str, Any] = {"arch": "resnet18", "width": 0.125, "defective": True, "keep_prob": 0.5}
@@ -175,6 +176,27 @@ def test_a_run_stops_at_the_first_check_reaching_its_accuracy_and_stays_stopped(
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_band_stop_ends_at_the_first_check_within_it_and_checks_tighten_near_it(
+    tmp_path: Path,
+) -> None:
+    target, within, every = 0.9, 0.01, 8
+    metrics = train(
+        _cfg(tmp_path / "run", stop_at_accuracy=target, stop_within=within, eval_every=every),
+        progress=False,
+    )
+    checks = metrics["checks"]
+    steps = [c["step"] for c in checks]
+    inside = [abs(c["test_accuracy"] - target) <= within for c in checks]
+    # digits' accuracy crosses 0.89-0.91 at several steps of this schedule
+    assert metrics["stopped_at_step"] == steps[-1] == metrics["steps"]
+    assert inside[-1] and not any(inside[:-1])  # the first check within the band, not before
+    assert metrics["test_accuracy"] == checks[-1]["test_accuracy"]
+    near = next(i for i, c in enumerate(checks) if c["test_accuracy"] >= target - NEAR_TARGET)
+    assert near < len(checks) - 1  # some checks ran near the target before one landed in it
+    assert all(s % every == 0 or s == 45 for s in steps[: near + 1])  # 45 steps an epoch
+    assert all(b - a == every // 8 for a, b in zip(steps[near:-1], steps[near + 1 :], strict=True))
+
+
 def test_a_target_never_reached_trains_the_whole_schedule(tmp_path: Path) -> None:
     metrics = train(
         _cfg(tmp_path / "run", stop_at_accuracy=1.0, eval_every=2, max_steps=5), progress=False
@@ -189,6 +211,9 @@ def test_a_target_never_reached_trains_the_whole_schedule(tmp_path: Path) -> Non
         ({"stop_at_accuracy": 1.5}, "stop_at_accuracy"),
         ({"stop_at_accuracy": 0.5, "eval_every": 0}, "eval_every"),
         ({"eval_every": 10}, "only applies with stop_at_accuracy"),
+        ({"stop_at_accuracy": 0.5, "stop_within": 0.0}, "stop_within"),
+        ({"stop_at_accuracy": 0.5, "stop_within": 1.0}, "stop_within"),
+        ({"stop_within": 0.01}, "only applies with stop_at_accuracy"),
     ],
 )
 def test_stop_settings_are_checked(tmp_path: Path, kw: dict[str, Any], message: str) -> None:

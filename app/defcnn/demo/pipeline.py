@@ -12,7 +12,6 @@ there, so an interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import math
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from defcnn.atomic import write_json
 from defcnn.demo.summary import MATCH_TOLERANCE, DemoSummary, summarize, write_summary
+from defcnn.digest import sha256_file
 from defcnn.errors import ConfigError
 from defcnn.names import MODEL_FILE
 from defcnn.server.launcher import local_server, sigterm_as_interrupt
@@ -165,10 +165,6 @@ def train_models(
     return metrics
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_targets(models: Path, repo: Path, exported: Path) -> None:
     """Both targets into one model repository (version 1), each verified against PyTorch.
     `exported` records the checkpoint each export came from, so an export is reused only for
@@ -179,13 +175,13 @@ def export_targets(models: Path, repo: Path, exported: Path) -> None:
     for name in TARGETS:
         checkpoint = models / name / "model.safetensors"
         if (repo / name / "1" / MODEL_FILE).exists():
-            if sources.get(name) != _sha256(checkpoint):
+            if sources.get(name) != sha256_file(checkpoint):
                 raise ConfigError(f"{repo / name} was exported from another checkpoint than "
                                   f"{checkpoint}; use another --out")  # fmt: skip
             _log(f"  {name}: reusing {repo / name}")
             continue
         export(ExportSettings(checkpoint=str(checkpoint), repo=str(repo), name=name, version=1))
-        sources[name] = _sha256(checkpoint)
+        sources[name] = sha256_file(checkpoint)
         write_json(exported, sources)
         _log(f"  {name}: {repo / name / '1' / MODEL_FILE} (verified against PyTorch)")
 

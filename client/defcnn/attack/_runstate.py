@@ -63,14 +63,6 @@ class SavedRun:
     totals: Totals
 
 
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _stage_dir(out: Path) -> tuple[str, Path] | None:
     for kind, name in STAGE_DIRS.items():
         if (out / name).exists():

@@ -50,6 +50,7 @@ from defcnn.attack.settings import (
     resolve_label_map,
 )
 from defcnn.client.spec import EndpointSpec
+from defcnn.digest import sha256_file
 from defcnn.errors import ConfigError, DataError
 from defcnn.sampling import seeded_subset
 from defcnn.versions import versions
@@ -290,7 +291,7 @@ def run_transfer(settings: TransferSettings, *, progress: bool = True) -> Transf
         params={a: {k: v for k, v in settings.attack_params(a, None).items() if k != "eps"}
                 for a in settings.attacks},
         batch_size=settings.batch_size,
-        surrogates=[_runstate.sha256(p) for p in settings.surrogates],
+        surrogates=[sha256_file(p) for p in settings.surrogates],
         data=_data_key(settings.data, info), endpoint=_endpoint_key(settings.endpoint),
     )  # fmt: skip
     with _connected(run, settings.endpoint) as client:

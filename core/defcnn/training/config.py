@@ -16,6 +16,7 @@ PAPER_LR, PAPER_BATCH = 0.1, 128
 DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "digits": {"batch_size": 32, "crop_pad": 2, "flip": False},
 }
+NEAR_TARGET = 0.05  # stop_within: from this close to the target, checks run 8x as often
 _PAPER_AUGMENT = {"batch_size": PAPER_BATCH, "crop_pad": 4, "flip": True}
 # The default of a setting resolved on construction (from the preset, or from the batch
 # size for lr): typed as the resolved value, since no constructed config holds it.
@@ -36,8 +37,12 @@ class TrainConfig:
     ``stop_at_accuracy`` ends the run at the first check (every ``eval_every`` steps, by
     default a quarter epoch, and at each epoch's end) whose test accuracy reaches it: how an
     accuracy-matched control is made, a standard model stopped at a defective one's accuracy.
-    The test split picks the stopping step, so the stopped model's test accuracy is
-    selected, not held out; metrics.json says where it stopped.
+    With ``stop_within`` the check must land within that distance of it instead, on either
+    side: at a high learning rate accuracy jumps a few points between checks, so "the first
+    check past the target" can overshoot it; and once a check comes within ``NEAR_TARGET``
+    of the target, checks run eight times as often. The test split picks the stopping step, so
+    the stopped model's test accuracy is selected, not held out; metrics.json lists every
+    check and says where it stopped.
     """
 
     arch: str = "resnet18"
@@ -67,6 +72,7 @@ class TrainConfig:
     max_steps: int | None = None
     stop_at_accuracy: float | None = None
     eval_every: int | None = None
+    stop_within: float | None = None
 
     def __post_init__(self) -> None:
         preset = {**_PAPER_AUGMENT, **DATASET_PRESETS.get(self.dataset, {})}
@@ -93,6 +99,11 @@ class TrainConfig:
                 raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
             if self.stop_at_accuracy is None:
                 raise ConfigError("eval_every only applies with stop_at_accuracy")
+        if self.stop_within is not None:
+            if not 0 < self.stop_within < 1:
+                raise ConfigError(f"stop_within must be in (0, 1), got {self.stop_within}")
+            if self.stop_at_accuracy is None:
+                raise ConfigError("stop_within only applies with stop_at_accuracy")
 
     def model_spec(self, num_classes: int, input_size: int) -> ModelSpec:
         """The model this run trains, for a data set with `num_classes` classes."""

@@ -29,7 +29,7 @@ from defcnn.errors import ConfigError
 from defcnn.layers.defective import derive_seed
 from defcnn.models.registry import create_model
 from defcnn.training import distributed
-from defcnn.training.config import TrainConfig, lr_at
+from defcnn.training.config import NEAR_TARGET, TrainConfig, lr_at
 from defcnn.versions import versions
 
 LAST = "checkpoint-last.safetensors"
@@ -166,6 +166,8 @@ def _train(
     step = 0
     history: list[dict[str, Any]] = []
     stopped_at: int | None = None  # the step whose check reached stop_at_accuracy
+    checks: list[dict[str, Any]] = []  # every stop_at_accuracy check: step, test accuracy
+    check_every = cfg.eval_every
     if resume and last.exists():
         ckpt = load_checkpoint(last)
         saved = TrainConfig.from_dict(ckpt.meta["train_config"])
@@ -176,6 +178,8 @@ def _train(
         step = int(ckpt.meta["step"])
         history = list(ckpt.meta.get("history", []))
         stopped_at = ckpt.meta.get("stopped_at")
+        checks = list(ckpt.meta.get("checks", []))
+        check_every = ckpt.meta.get("check_every", check_every)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg.to_dict())
@@ -190,13 +194,24 @@ def _train(
     train_y = torch.from_numpy(data.train_y).to(ctx.device)
     per_epoch = steps_per_epoch(len(train_x), cfg)
     total = min(cfg.max_steps or math.inf, cfg.epochs * per_epoch)
-    check_every = cfg.eval_every or max(1, per_epoch // 4)
+    check_every = check_every or max(1, per_epoch // 4)
     if stopped_at is not None:  # resuming a run that stopped: it ends where it stopped
         total = stopped_at
     checked: tuple[int, dict[str, float]] | None = None  # (step, scores) of the last check
 
     def reached(scores: dict[str, float]) -> bool:
-        return cfg.stop_at_accuracy is not None and scores["accuracy"] >= cfg.stop_at_accuracy
+        """Record a check; true when it ends the run (past the target, or within the band)."""
+        nonlocal check_every
+        target = cfg.stop_at_accuracy
+        if target is None:
+            return False
+        accuracy = scores["accuracy"]
+        checks.append({"step": step, "test_accuracy": accuracy})
+        if cfg.stop_within is not None and accuracy >= target - NEAR_TARGET:
+            check_every = max(1, (cfg.eval_every or max(1, per_epoch // 4)) // 8)
+        if cfg.stop_within is None:
+            return accuracy >= target
+        return abs(accuracy - target) <= cfg.stop_within
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
 
@@ -204,7 +219,7 @@ def _train(
         if ctx.is_main:
             meta = {
                 "train_config": cfg.to_dict(), "step": step, "history": history,
-                "stopped_at": stopped_at,
+                "stopped_at": stopped_at, "checks": checks, "check_every": check_every,
                 "classes": list(data.classes), "versions": versions("torch", "numpy"),
             }  # fmt: skip
             save_checkpoint(last, model, spec, meta, _optimizer_tensors(opt))
@@ -266,11 +281,11 @@ def _train(
             }  # fmt: skip
             if ctx.is_main:
                 if checked is not None and checked[0] == step:
-                    scores = checked[1]
+                    scores = checked[1]  # this step's check, already recorded
                 else:
                     scores = evaluate(model, data.test_x, data.test_y, device=ctx.device)
-                if stopped_at is None and reached(scores):
-                    stopped_at = total = step
+                    if stopped_at is None and reached(scores):
+                        stopped_at = total = step
                 record.update({f"test_{k}": v for k, v in scores.items()})
                 if progress:
                     tqdm.write(
@@ -297,6 +312,7 @@ def _train(
     if cfg.stop_at_accuracy is not None:
         metrics["stopped_at_step"] = stopped_at  # None: no check reached the target
         metrics["stopped_at_epoch"] = None if stopped_at is None else stopped_at / per_epoch
+        metrics["checks"] = checks
     if ctx.is_main:
         meta = {
             "train_config": cfg.to_dict(), "classes": list(data.classes), "metrics": metrics,

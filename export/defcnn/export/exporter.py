@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 from defcnn.atomic import atomic_write, write_json
 from defcnn.checkpoint import load_model
 from defcnn.data import load_dataset
+from defcnn.digest import sha256_file
 from defcnn.errors import ConfigError, DataError, ExportError
 from defcnn.export import repository
 from defcnn.export.onnx_graph import name_masks, set_metadata, to_onnx
@@ -51,14 +51,6 @@ class ExportSettings:
             raise ConfigError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         if self.fp16 and not self.tensorrt:
             raise ConfigError("--fp16 applies to TensorRT engines: add --tensorrt")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _real_images(
@@ -147,7 +139,7 @@ def export(settings: ExportSettings) -> ExportReport:
         "mask_seed": spec.mask_seed, "stages": list(spec.defective_stages),
         "shared_mask": spec.shared_mask, "classes": classes,
         "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
-        "input_size": size, "source_checkpoint_sha256": sha256_of(ckpt_path),
+        "input_size": size, "source_checkpoint_sha256": sha256_file(ckpt_path),
         "source_checkpoint": ckpt_path.name, "spec": spec.to_dict(),
         "exporter": versions("torch", "onnx", "onnxruntime"),
     }  # fmt: skip
