@@ -136,6 +136,7 @@ def models(runs: Path, seeds: list[int]) -> dict[str, dict[str, Any]]:
                 "stopped_at_step": m.get("stopped_at_step"),
                 "train_seconds": m["seconds_this_session"],
                 "history": [(h["step"], h["test_accuracy"]) for h in m["history"]],
+                "checks": [(c["step"], c["test_accuracy"]) for c in m.get("checks", [])],
             }
             defective = out.get(f"defective-s{s}")
             if role == "control":
@@ -168,61 +169,73 @@ def transfer(runs: Path) -> dict[str, Any]:
     """Per surrogate, attack, eps and seed: each target's accuracy under attack and the
     paper's metric with Wilson intervals, and the differences between targets."""
     out: dict[str, Any] = {}
+    groups: dict[str, list[Path]] = {}  # surrogate: its runs, transfer-SUR or transfer-SUR-sS
     for folder in sorted(runs.glob("transfer-*")):
-        if not (folder / "results.json").exists():
-            continue
-        res = _load(folder / "results.json")
-        cells = []
-        keyed = {(r["target"], r["attack"], r["eps_255"]): r for r in res["rows"]}
-        seeds = sorted({int(t.rsplit("-s", 1)[1]) for t, _, _ in keyed})
-        settings = sorted(
-            {(a, e) for _, a, e in keyed}, key=lambda k: (ATTACK_ORDER.index(k[0]), k[1])
-        )
-        for s in seeds:
-            for attack, eps in settings:
-                found = {role: keyed.get((f"{role}-s{s}", attack, eps)) for role in ROLES}
-                rows = {ro: r for ro, r in found.items() if r is not None}
-                missing = [f"{ro}-s{s}" for ro in ROLES if ro not in rows]
-                if missing:
-                    raise SystemExit(
-                        f"{folder / 'results.json'}: {attack} at eps {eps:g}/255 has no row "
-                        f"for {', '.join(missing)} (every seed needs all of "
-                        f"{', '.join(ROLES)}): rerun its transfer attack"
-                    )
-                under = {
-                    ro: rate_of(r["accuracy_adversarial"], r["images"]) for ro, r in rows.items()
-                }
-                metric = {
-                    ro: rate_of(r["transfer_accuracy"], r["transfer_subset"])
-                    for ro, r in rows.items()
-                    if r["transfer_subset"]
-                }
-                cell: dict[str, Any] = {"seed": s, "attack": attack, "eps_255": eps}
-                for ro in ROLES:
-                    cell[ro] = {
-                        "accuracy_under_attack": under[ro].value,
-                        "accuracy_under_attack_ci": _ci(under[ro]),
-                        "images": under[ro].trials,
-                        "transfer_metric": metric[ro].value if ro in metric else None,
-                        "transfer_metric_ci": _ci(metric[ro]) if ro in metric else None,
-                        "transfer_subset": rows[ro]["transfer_subset"],
-                    }
-                for a, b in (
-                    ("defective", "control"),
-                    ("defective", "standard"),
-                    ("control", "standard"),
-                ):
-                    cell[f"{a}-{b}"] = _diff_dict(under[a], under[b])
-                    if a in metric and b in metric:
-                        cell[f"{a}-{b} metric"] = _diff_dict(metric[a], metric[b])
-                cells.append(cell)
-        out[folder.name.removeprefix("transfer-")] = {
-            "images": res["dataset"]["images"],
-            "seed": res["config"]["seed"],
-            "cells": cells,
-            "versions": res["versions"],
-        }
+        if (folder / "results.json").exists():
+            named = re.fullmatch(r"transfer-(.+?)(-s\d+)?", folder.name)
+            assert named is not None  # the glob's prefix
+            groups.setdefault(named.group(1), []).append(folder)
+    for surrogate, folders in groups.items():
+        cells: list[dict[str, Any]] = []
+        first: tuple[Path, dict[str, Any]] | None = None
+        for folder in folders:
+            res = _load(folder / "results.json")
+            setting = {"images": res["dataset"]["images"], "seed": res["config"]["seed"]}
+            if first is None:
+                first = (folder, setting)
+            elif setting != first[1]:
+                raise SystemExit(f"{folder} was run with other settings than {first[0]}")
+            cells += _transfer_cells(folder, res, {c["seed"] for c in cells})
+        assert first is not None
+        out[surrogate] = {**first[1], "cells": cells, "versions": res["versions"]}
     return out
+
+
+def _transfer_cells(folder: Path, res: dict[str, Any], seen: set[int]) -> list[dict[str, Any]]:
+    """The cells of one transfer run; a seed another run of this surrogate has is refused."""
+    cells = []
+    keyed = {(r["target"], r["attack"], r["eps_255"]): r for r in res["rows"]}
+    seeds = sorted({int(t.rsplit("-s", 1)[1]) for t, _, _ in keyed})
+    if seen & set(seeds):
+        raise SystemExit(f"{folder}: seed {min(seen & set(seeds))} has two transfer runs")
+    settings = sorted({(a, e) for _, a, e in keyed}, key=lambda k: (ATTACK_ORDER.index(k[0]), k[1]))
+    for s in seeds:
+        for attack, eps in settings:
+            found = {role: keyed.get((f"{role}-s{s}", attack, eps)) for role in ROLES}
+            rows = {ro: r for ro, r in found.items() if r is not None}
+            missing = [f"{ro}-s{s}" for ro in ROLES if ro not in rows]
+            if missing:
+                raise SystemExit(
+                    f"{folder / 'results.json'}: {attack} at eps {eps:g}/255 has no row "
+                    f"for {', '.join(missing)} (every seed needs all of "
+                    f"{', '.join(ROLES)}): rerun its transfer attack"
+                )
+            under = {ro: rate_of(r["accuracy_adversarial"], r["images"]) for ro, r in rows.items()}
+            metric = {
+                ro: rate_of(r["transfer_accuracy"], r["transfer_subset"])
+                for ro, r in rows.items()
+                if r["transfer_subset"]
+            }
+            cell: dict[str, Any] = {"seed": s, "attack": attack, "eps_255": eps}
+            for ro in ROLES:
+                cell[ro] = {
+                    "accuracy_under_attack": under[ro].value,
+                    "accuracy_under_attack_ci": _ci(under[ro]),
+                    "images": under[ro].trials,
+                    "transfer_metric": metric[ro].value if ro in metric else None,
+                    "transfer_metric_ci": _ci(metric[ro]) if ro in metric else None,
+                    "transfer_subset": rows[ro]["transfer_subset"],
+                }
+            for a, b in (
+                ("defective", "control"),
+                ("defective", "standard"),
+                ("control", "standard"),
+            ):
+                cell[f"{a}-{b}"] = _diff_dict(under[a], under[b])
+                if a in metric and b in metric:
+                    cell[f"{a}-{b} metric"] = _diff_dict(metric[a], metric[b])
+            cells.append(cell)
+    return cells
 
 
 def _corruption_rates(row: dict[str, Any], seed: int, images: int) -> dict[str, Rate]:
@@ -784,6 +797,8 @@ def plot_training(data: dict[str, Any], img: Path) -> None:
             color=COLORS[m["role"]],
             ls="-" if m["seed"] == 0 else ":",
         )
+        if m.get("checks"):  # the control's stopping checks, between its epochs
+            ax.scatter(*zip(*m["checks"], strict=True), s=4, color=COLORS[m["role"]], alpha=0.5)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=7)

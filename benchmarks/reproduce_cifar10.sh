@@ -52,7 +52,7 @@ if [ "$STAGE" = attack ] || [ "$STAGE" = all ]; then
   IMAGES=${IMAGES:-1000}; QUERY_IMAGES=${QUERY_IMAGES:-80}; QUERY_BUDGET=${QUERY_BUDGET:-10000}
   QUERY_ATTACKS=${QUERY_ATTACKS:-"boundary hopskipjump"}; QUERY_SEEDS=${QUERY_SEEDS:-0}
   QUERY_ROLES=${QUERY_ROLES:-"standard defective control"}
-  models=(); query_names=()
+  query_names=()
   for s in $SEEDS; do
     for pair in std:standard def:defective ctl:control; do
       run=${pair%%:*}-s$s; name=${pair##*:}-s$s
@@ -68,7 +68,6 @@ sys.exit(meta.get("source_checkpoint_sha256") != sha256_file(sys.argv[2]))' "$on
         defcnn export "$RUNS/$run/model.safetensors" --repo "$RUNS/repo" --name "$name" \
           --version 1 "${DATA_ARGS[@]}"
       fi
-      models+=(--model "$name")
       case " $QUERY_SEEDS " in *" $s "*)
         case " $QUERY_ROLES " in *" ${pair##*:} "*) query_names+=("$name");; esac;; esac
     done
@@ -88,11 +87,16 @@ sys.exit(meta.get("source_checkpoint_sha256") != sha256_file(sys.argv[2]))' "$on
   done
   url=$(python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print("%s:%d" % (d["host"], d["port"]))' "$ready")
   echo "server on $url"
+  # one run per surrogate and target seed, in $RUNS/transfer-SUR-sS (the claims script
+  # merges a surrogate's runs); a finished run with the same settings is reused, one with
+  # other settings is refused
   for sur in $SURROGATES; do
-    defcnn attack transfer --url "$url" "${models[@]}" \
-      --surrogate "$RUNS/sur-$sur/model.safetensors" "${DATA_ARGS[@]}" \
-      --attack fgsm pgd mifgsm --eps 8 16 32 --num-images "$IMAGES" --seed 0 \
-      --out "$RUNS/transfer-$sur"
+    for s in $SEEDS; do
+      defcnn attack transfer --url "$url" --model "standard-s$s" --model "defective-s$s" \
+        --model "control-s$s" --surrogate "$RUNS/sur-$sur/model.safetensors" "${DATA_ARGS[@]}" \
+        --attack fgsm pgd mifgsm --eps 8 16 32 --num-images "$IMAGES" --seed 0 \
+        --out "$RUNS/transfer-$sur-s$s"
+    done
   done
   # one run per set of models not yet attacked, in $RUNS/ATTACK-NAME+NAME...; the claims
   # script merges these folders

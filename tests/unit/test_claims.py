@@ -381,21 +381,40 @@ def test_models_records_the_stop_and_the_gap(tmp_path: Path, control: float) -> 
     assert "| no | 0.030 (NOT matched) |" in table
 
 
-def test_transfer_refuses_a_setting_without_all_three_targets(tmp_path: Path) -> None:
+def _transfer_run(folder: Path, targets: list[str], images: int = 100) -> None:
     rows = [
         {
-            "target": t,
-            "attack": "fgsm",
-            "eps_255": 8,
-            "accuracy_adversarial": 0.5,
-            "images": 100,
-            "transfer_accuracy": 0.5,
-            "transfer_subset": 50,
+            "target": t, "attack": "fgsm", "eps_255": 8, "accuracy_adversarial": 0.5,
+            "images": images, "transfer_accuracy": 0.5, "transfer_subset": 50,
         }
-        for t in ("standard-s0", "defective-s0")
-    ]
-    _write(tmp_path / "transfer-resnet18" / "results.json", {"rows": rows})
+        for t in targets
+    ]  # fmt: skip
+    results = {"rows": rows, "dataset": {"images": images}, "config": {"seed": 0}, "versions": {}}
+    _write(folder / "results.json", results)
+
+
+def test_transfer_refuses_a_setting_without_all_three_targets(tmp_path: Path) -> None:
+    _transfer_run(tmp_path / "transfer-resnet18", ["standard-s0", "defective-s0"])
     with pytest.raises(SystemExit, match="no row for control-s0"):
+        cc.transfer(tmp_path)
+
+
+def _three(seed: int) -> list[str]:
+    return [f"{role}-s{seed}" for role in cc.ROLES]
+
+
+def test_transfer_merges_a_surrogates_runs_per_seed_and_refuses_repeats(tmp_path: Path) -> None:
+    _transfer_run(tmp_path / "transfer-resnet18-s0", _three(0))
+    _transfer_run(tmp_path / "transfer-resnet18-s1", _three(1))
+    _transfer_run(tmp_path / "transfer-vgg16-s0", _three(0))
+    res = cc.transfer(tmp_path)
+    assert sorted(res) == ["resnet18", "vgg16"]
+    assert [c["seed"] for c in res["resnet18"]["cells"]] == [0, 1]
+    _transfer_run(tmp_path / "transfer-resnet18-s2", _three(1))
+    with pytest.raises(SystemExit, match="seed 1 has two transfer runs"):
+        cc.transfer(tmp_path)
+    _transfer_run(tmp_path / "transfer-resnet18-s2", _three(2), images=200)
+    with pytest.raises(SystemExit, match="other settings"):
         cc.transfer(tmp_path)
 
 
