@@ -798,7 +798,8 @@ def plot_training(data: dict[str, Any], img: Path) -> None:
             ls="-" if m["seed"] == 0 else ":",
         )
         if m.get("checks"):  # the control's stopping checks, between its epochs
-            ax.scatter(*zip(*m["checks"], strict=True), s=4, color=COLORS[m["role"]], alpha=0.5)
+            steps, accs = zip(*m["checks"], strict=True)
+            ax.scatter(steps, accs, s=4, color=COLORS[m["role"]], alpha=0.5)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=7)
