@@ -59,6 +59,16 @@ def test_run_folder_is_not_overwritten_without_resume(tmp_path: Path) -> None:
         train(_cfg(tmp_path / "run", epochs=1, max_steps=2, seed=9), resume=True, progress=False)
 
 
+def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "run", epochs=1, max_steps=2)
+    first = train(cfg, progress=False)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    assert train(cfg, resume=True, progress=False) == first
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == files
+    more = train(_cfg(tmp_path / "run", epochs=1, max_steps=3), resume=True, progress=False)
+    assert more["steps"] == 3  # a longer run of the same configuration continues
+
+
 def _state(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path).state_dict
 

@@ -197,6 +197,12 @@ def _train(
     check_every = check_every or max(1, per_epoch // 4)
     if stopped_at is not None:  # resuming a run that stopped: it ends where it stopped
         total = stopped_at
+    if resume and step >= total and (out / FINAL).exists() and (out / "metrics.json").exists():
+        # a finished run of this configuration: nothing to train, and its files stay as they
+        # are (its train time too), so a script can resume every run it needs, every time
+        finished = json.loads((out / "metrics.json").read_text())
+        finished.pop("history", None)
+        return dict(finished)
     checked: tuple[int, dict[str, float]] | None = None  # (step, scores) of the last check
 
     def reached(scores: dict[str, float]) -> bool:
