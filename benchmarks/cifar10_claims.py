@@ -401,7 +401,7 @@ def ratio_verdict(low: float, high: float, paper: float | None) -> str:
         return direction
     if low <= paper <= high:
         return f"{direction}, agrees on size"
-    return f"{direction}, disagrees on size ({paper:g} outside [{low:.2f}, {high:.2f}])"
+    return f"{direction}, disagrees on size ({paper:g} outside the 95% interval)"
 
 
 def claims(data: dict[str, Any]) -> list[Claim]:
