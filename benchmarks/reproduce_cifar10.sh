@@ -31,7 +31,7 @@ if [ "$STAGE" = train ] || [ "$STAGE" = all ]; then
     train "def-s$s" --arch resnet18 --epochs "$TARGET_EPOCHS" --seed "$s" --defective --keep-prob 0.1
     train "std-s$s" --arch resnet18 --epochs "$TARGET_EPOCHS" --seed "$s"
     # the control: std-sS's own run, stopped at the first check within 1 point of def-sS's
-    # accuracy (checks every tenth of an epoch, every 80th once within 5 points); a control
+    # accuracy (checks every tenth of an epoch, 8x as often once within 5 points); a control
     # made for another target is refused (its settings differ)
     stop=$(accuracy "$RUNS/def-s$s/metrics.json")
     every=$(python3 -c 'import json, math, sys; m = json.load(open(sys.argv[1])); print(max(1, m["history"][0]["step"] // 10))' "$RUNS/def-s$s/metrics.json")
@@ -68,10 +68,20 @@ sys.exit(meta.get("source_checkpoint_sha256") != sha256_file(sys.argv[2]))' "$on
       case " $QUERY_SEEDS " in *" $s "*)
         case " $QUERY_ROLES " in *" ${pair##*:} "*) query_names+=("$name");; esac;; esac
     done
-    # patch shuffling and Gaussian noise on the whole test split (in-process PyTorch)
-    [ -f "$RUNS/corruptions-s$s.json" ] || defcnn evaluate "$RUNS/std-s$s/model.safetensors" \
-      "$RUNS/def-s$s/model.safetensors" "$RUNS/ctl-s$s/model.safetensors" "${DATA_ARGS[@]}" \
-      --patch-shuffle 2 4 8 --noise 0.02 0.05 0.1 --out "$RUNS/corruptions-s$s.json"
+    # patch shuffling and Gaussian noise on the whole test split (in-process PyTorch); a
+    # result is reused only for the checkpoints it was computed from
+    corr="$RUNS/corruptions-s$s.json"
+    ckpts=("$RUNS/std-s$s/model.safetensors" "$RUNS/def-s$s/model.safetensors" "$RUNS/ctl-s$s/model.safetensors")
+    if [ -f "$corr" ]; then
+      python3 -c 'import json, sys
+from defcnn.digest import sha256_file
+saved = json.load(open(sys.argv[1])).get("checkpoint_sha256", {})
+sys.exit(sorted(saved.values()) != sorted(sha256_file(p) for p in sys.argv[2:]))' "$corr" "${ckpts[@]}" \
+        || { echo "$corr was computed from other checkpoints; remove it" >&2; exit 2; }
+    else
+      defcnn evaluate "${ckpts[@]}" "${DATA_ARGS[@]}" --patch-shuffle 2 4 8 \
+        --noise 0.02 0.05 0.1 --out "$corr"
+    fi
   done
   log="$RUNS/server.log"; ready="$RUNS/server.ready.json"
   rm -f "$ready"

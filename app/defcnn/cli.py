@@ -192,6 +192,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from defcnn.atomic import write_json
     from defcnn.checkpoint import load_model
     from defcnn.data import load_dataset
+    from defcnn.digest import sha256_file
     from defcnn.robustness import EvaluationResult, evaluate_corruptions
     from defcnn.sampling import seeded_subset
     from defcnn.training.distributed import pick_device
@@ -227,6 +228,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = EvaluationResult(
         dataset=data.source, images=len(y), seed=args.seed,
         checkpoints=dict(zip(loaded, args.checkpoint, strict=True)), rows=tuple(rows),
+        checkpoint_sha256={name: sha256_file(path)
+                           for name, path in zip(loaded, args.checkpoint, strict=True)},
     )  # fmt: skip
     table = result.table()
     if args.out:

@@ -23,7 +23,7 @@ TINY = {
 }  # fmt: skip
 
 
-def _run(runs: Path) -> str:
+def _run(runs: Path, code: int = 0) -> subprocess.CompletedProcess[str]:
     if shutil.which("defcnn") is None:
         pytest.skip("the defcnn console script is not on PATH (pip install -e .)")
     env = {**os.environ, **TINY, "RUNS": str(runs)}
@@ -31,8 +31,8 @@ def _run(runs: Path) -> str:
         ["bash", str(REPO / "benchmarks" / "reproduce_cifar10.sh"), "all"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    assert done.returncode == code, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 def test_the_pipeline_trains_matches_attacks_and_reruns_nothing(tmp_path: Path) -> None:
@@ -48,9 +48,15 @@ def test_the_pipeline_trains_matches_attacks_and_reruns_nothing(tmp_path: Path) 
         assert abs(ctl["test_accuracy"] - target) <= 0.01
     models = sorted(runs.glob("*-s0/model.safetensors"))
     before = {p: p.read_bytes() for p in models}
-    out = _run(runs)
-    assert "skip boundary (done)" in out
+    assert "skip boundary (done)" in _run(runs).stdout
     assert {p: p.read_bytes() for p in models} == before  # finished runs kept as they are
+    corruptions = runs / "corruptions-s0.json"
+    kept = corruptions.read_text()
+    stale = json.loads(kept)
+    stale["checkpoint_sha256"]["ctl-s0"] = "0" * 64  # as if made from an earlier control
+    corruptions.write_text(json.dumps(stale))
+    assert "computed from other checkpoints" in _run(runs, code=2).stderr
+    corruptions.write_text(kept)
 
     data = tmp_path / "results.json"
     claims = subprocess.run(

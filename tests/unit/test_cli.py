@@ -13,6 +13,7 @@ import pytest
 from defcnn.checkpoint import load_checkpoint
 from defcnn.cli import EXIT_ERROR, EXIT_USAGE, main
 from defcnn.data import load_dataset
+from defcnn.digest import sha256_file
 
 SMALL = ["--arch", "resnet18", "--width", "0.125", "--dataset", "digits", "--quiet"]
 
@@ -35,6 +36,7 @@ def test_train_then_evaluate_reports_the_same_accuracy(
     assert scores["images"] == len(load_dataset("digits", progress=False).test_y)
     assert [r["corruption"] for r in scores["rows"]] == ["clean"]
     assert scores["rows"][0]["run"] == pytest.approx(trained["test_accuracy"])
+    assert scores["checkpoint_sha256"] == {"run": sha256_file(out / "model.safetensors")}
     meta = load_checkpoint(out / "model.safetensors").meta
     assert meta["classes"] == [str(i) for i in range(10)]
     assert meta["normalization"]["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])

@@ -65,11 +65,15 @@ class EvaluationResult:
     seed: int
     checkpoints: dict[str, str]  # short name -> path
     rows: tuple[CorruptionRow, ...]
+    # short name -> the checkpoint file's sha256: which weights these rows belong to
+    checkpoint_sha256: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset, "images": self.images, "seed": self.seed,
-            "checkpoints": dict(self.checkpoints), "rows": [r.to_dict() for r in self.rows],
+            "checkpoints": dict(self.checkpoints),
+            "checkpoint_sha256": dict(self.checkpoint_sha256),
+            "rows": [r.to_dict() for r in self.rows],
         }  # fmt: skip
 
     @classmethod
@@ -78,6 +82,7 @@ class EvaluationResult:
             dataset=data["dataset"], images=int(data["images"]), seed=int(data["seed"]),
             checkpoints=dict(data["checkpoints"]),
             rows=tuple(CorruptionRow.from_dict(r) for r in data["rows"]),
+            checkpoint_sha256=dict(data.get("checkpoint_sha256", {})),
         )  # fmt: skip
 
     def table(self) -> str:
