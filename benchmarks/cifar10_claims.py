@@ -795,7 +795,7 @@ def plot_training(data: dict[str, Any], img: Path) -> None:
             marker=".",
             label=f"{LABELS[m['role']]} (seed {m['seed']})",
             color=COLORS[m["role"]],
-            ls="-" if m["seed"] == 0 else ":",
+            ls=("-", ":", "--", "-.")[m["seed"] % 4],
         )
         if m.get("checks"):  # the control's stopping checks, between its epochs
             steps, accs = zip(*m["checks"], strict=True)
