@@ -690,68 +690,59 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def plot_transfer(data: dict[str, Any], img: Path) -> None:
+    """One panel per surrogate (columns) and target seed (rows)."""
     surs = list(data["transfer"])
     if not surs:
         return
-    fig, axes = plt.subplots(1, len(surs), figsize=(5.5 * len(surs), 3.6), squeeze=False)
-    for ax, sur in zip(axes[0], surs, strict=True):
-        cells = [
-            c
-            for c in data["transfer"][sur]["cells"]
-            if c["seed"] == data["transfer"][sur]["cells"][0]["seed"]
-        ]
-        xs = np.arange(len(cells))
-        for k, ro in enumerate(ROLES):
-            v = np.array([c[ro]["accuracy_under_attack"] for c in cells])
-            ci = np.array([c[ro]["accuracy_under_attack_ci"] for c in cells]).T
-            ax.bar(
-                xs + (k - 1) * 0.27,
-                v,
-                0.27,
-                yerr=[v - ci[0], ci[1] - v],
-                capsize=2,
-                label=LABELS[ro],
-                color=COLORS[ro],
-            )
-        ax.set_xticks(
-            xs, [f"{c['attack']} {c['eps_255']:g}" for c in cells], rotation=60, ha="right"
-        )
-        ax.set_ylim(0, 1)
-        ax.set_title(f"surrogate {sur}, seed {cells[0]['seed']}")
-    axes[0][0].set_ylabel("accuracy under transfer attack\n(95% Wilson intervals)")
+    seeds = sorted({c["seed"] for sur in surs for c in data["transfer"][sur]["cells"]})
+    fig, axes = plt.subplots(
+        len(seeds), len(surs), figsize=(5.5 * len(surs), 3.0 * len(seeds) + 0.6), squeeze=False
+    )
+    for col, sur in enumerate(surs):
+        for row, seed in enumerate(seeds):
+            ax = axes[row][col]
+            cells = [c for c in data["transfer"][sur]["cells"] if c["seed"] == seed]
+            xs = np.arange(len(cells))
+            for k, ro in enumerate(ROLES):
+                v = np.array([c[ro]["accuracy_under_attack"] for c in cells])
+                ci = np.array([c[ro]["accuracy_under_attack_ci"] for c in cells]).T
+                ax.bar(xs + (k - 1) * 0.27, v, 0.27, yerr=[v - ci[0], ci[1] - v], capsize=2,
+                       label=LABELS[ro], color=COLORS[ro])  # fmt: skip
+            last = row == len(seeds) - 1
+            labels = [f"{c['attack']} {c['eps_255']:g}" for c in cells] if last else []
+            ax.set_xticks(xs if last else [], labels, rotation=60, ha="right")
+            ax.set_ylim(0, 1)
+            ax.set_title(f"surrogate {sur}, seed {seed}", fontsize=9)
+            if col == 0:
+                ax.set_ylabel("accuracy under attack\n(95% Wilson)", fontsize=8)
     axes[0][0].legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     _save(fig, img / "cifar10-transfer.png")
 
 
 def plot_corruptions(data: dict[str, Any], img: Path) -> None:
+    """Patch shuffling and noise side by side (columns), one row per target seed."""
     if not data["corruptions"]:
         return
-    seed, res = next(iter(data["corruptions"].items()))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, corruption in zip(axes, ("patch_shuffle", "gaussian_noise"), strict=True):
-        rows = [r for r in res["rows"] if r["corruption"] in ("clean", corruption)]
-        xs = np.arange(len(rows))
-        for ro in ROLES:
-            v = np.array([r[ro]["accuracy"] for r in rows])
-            ci = np.array([r[ro]["ci"] for r in rows]).T
-            ax.errorbar(
-                xs,
-                v,
-                yerr=[v - ci[0], ci[1] - v],
-                marker="o",
-                capsize=3,
-                label=LABELS[ro],
-                color=COLORS[ro],
-            )
-        ax.set_xticks(
-            xs, ["clean" if r["corruption"] == "clean" else f"{r['level']:g}" for r in rows]
-        )
-        ax.set_xlabel("grid k" if corruption == "patch_shuffle" else "noise sigma")
-        ax.set_ylim(0, 1)
-        ax.set_title(corruption.replace("_", " ") + f" (seed {seed})")
-    axes[0].set_ylabel("test accuracy (95% Wilson)")
-    axes[0].legend(fontsize=7)
+    seeds = list(data["corruptions"].items())
+    fig, axes = plt.subplots(len(seeds), 2, figsize=(9, 2.9 * len(seeds) + 0.5), squeeze=False)
+    for row, (seed, res) in enumerate(seeds):
+        for ax, corruption in zip(axes[row], ("patch_shuffle", "gaussian_noise"), strict=True):
+            rows = [r for r in res["rows"] if r["corruption"] in ("clean", corruption)]
+            xs = np.arange(len(rows))
+            for ro in ROLES:
+                v = np.array([r[ro]["accuracy"] for r in rows])
+                ci = np.array([r[ro]["ci"] for r in rows]).T
+                ax.errorbar(xs, v, yerr=[v - ci[0], ci[1] - v], marker="o", capsize=3,
+                            label=LABELS[ro], color=COLORS[ro])  # fmt: skip
+            ticks = ["clean" if r["corruption"] == "clean" else f"{r['level']:g}" for r in rows]
+            ax.set_xticks(xs, ticks)
+            if row == len(seeds) - 1:
+                ax.set_xlabel("grid k" if corruption == "patch_shuffle" else "noise sigma")
+            ax.set_ylim(0, 1)
+            ax.set_title(corruption.replace("_", " ") + f" (seed {seed})", fontsize=9)
+        axes[row][0].set_ylabel("test accuracy (95% Wilson)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     _save(fig, img / "cifar10-corruptions.png")
 
