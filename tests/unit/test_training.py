@@ -202,7 +202,6 @@ def test_a_band_stop_ends_at_the_first_check_within_it_and_checks_tighten_near_i
     assert inside[-1] and not any(inside[:-1])  # the first check within the band, not before
     assert metrics["test_accuracy"] == checks[-1]["test_accuracy"]
     near = next(i for i, c in enumerate(checks) if c["test_accuracy"] >= target - NEAR_TARGET)
-    assert near < len(checks) - 1  # some checks ran near the target before one landed in it
     assert all(s % every == 0 or s == 45 for s in steps[: near + 1])  # 45 steps an epoch
     assert all(b - a == every // 8 for a, b in zip(steps[near:-1], steps[near + 1 :], strict=True))
 

@@ -194,7 +194,8 @@ def _train(
     train_y = torch.from_numpy(data.train_y).to(ctx.device)
     per_epoch = steps_per_epoch(len(train_x), cfg)
     total = min(cfg.max_steps or math.inf, cfg.epochs * per_epoch)
-    check_every = check_every or max(1, per_epoch // 4)
+    base_every = cfg.eval_every or max(1, per_epoch // 4)  # far from the target
+    check_every = check_every or base_every
     if stopped_at is not None:  # resuming a run that stopped: it ends where it stopped
         total = stopped_at
     if resume and step >= total and (out / FINAL).exists() and (out / "metrics.json").exists():
@@ -214,7 +215,7 @@ def _train(
         accuracy = scores["accuracy"]
         checks.append({"step": step, "test_accuracy": accuracy})
         if cfg.stop_within is not None and accuracy >= target - NEAR_TARGET:
-            check_every = max(1, (cfg.eval_every or max(1, per_epoch // 4)) // 8)
+            check_every = max(1, base_every // 8)
         if cfg.stop_within is None:
             return accuracy >= target
         return abs(accuracy - target) <= cfg.stop_within
