@@ -1,4 +1,4 @@
-"""Serving throughput and latency: our server vs in-process ONNX Runtime vs Triton.
+"""Serving throughput and latency: our server vs in-process ONNX Runtime vs Triton vs KServe.
 
 Closed loop: C clients each send one image per request and send the next when the answer
 arrives, for a fixed time; throughput is answers per second, with p50/p99 latency. Same
@@ -9,9 +9,17 @@ speed does not depend on them), same machine, side by side:
 - `defcnn serve` (KServe v2 gRPC) driven by a grpc.aio client in this process;
 - NVIDIA Triton Inference Server from the nvidia-pytriton wheel, with an ONNX Runtime
   session inside, driven by the same client over the same protocol (needs a separate
-  virtual environment with numpy<2: --pytriton-python PATH).
+  virtual environment with numpy<2: --pytriton-python PATH);
+- KServe's Python ModelServer (a `kserve.Model` whose predict runs an ONNX Runtime session
+  at batch 1: it has no batching), one worker, its gRPC (Open Inference Protocol) port
+  driven by the same client (needs a separate virtual environment: --kserve-python PATH).
 
-    python benchmarks/serve_throughput.py --pytriton-python /tmp/pytriton-venv/bin/python
+Every point is measured --repeats times in interleaved rounds (each round: in-process, then
+every server at every concurrency, the servers' order rotating); the table shows medians.
+Every answer is checked against in-process ONNX Runtime: a wrong or malformed one fails the run.
+
+    python benchmarks/serve_throughput.py --pytriton-python /tmp/pytriton-venv/bin/python \
+        --kserve-python /tmp/kserve-venv/bin/python
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sysconfig
 import tempfile
@@ -70,6 +79,33 @@ with Triton(config=config) as triton:
 """
 
 
+KSERVE_SCRIPT = """
+import logging, sys, onnxruntime as ort
+from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+path, grpc_port, http_port = sys.argv[1], *map(int, sys.argv[2:4])
+
+class Bench(Model):
+    def __init__(self, name):
+        super().__init__(name)
+        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.ready = True
+
+    def predict(self, payload: InferRequest, headers=None) -> InferResponse:
+        x = payload.inputs[0].as_numpy()
+        logits = self.session.run(["logits"], {"input": x})[0]
+        out = InferOutput(name="logits", shape=list(logits.shape), datatype="FP32")
+        out.set_data_from_numpy(logits, binary_data=True)  # raw_output_contents over gRPC
+        return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=[out])
+
+server = ModelServer(
+    http_port=http_port, grpc_port=grpc_port, workers=1, enable_grpc=True,
+    enable_latency_logging=False,
+)
+logging.getLogger("kserve").setLevel(logging.WARNING)  # no log line per request
+server.start([Bench("bench")])
+"""
+
+
 def build_repo(root: Path) -> Path:
     """A model repository holding the benchmark model, exported as `defcnn export` does."""
     torch.manual_seed(0)
@@ -96,24 +132,63 @@ def in_process(model: Path, seconds: float) -> dict[int, float]:
     return rates
 
 
-async def closed_loop(address: str, model: str, concurrency: int, seconds: float) -> dict:
+def probe(model: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The image every request carries, and its logits from in-process ONNX Runtime."""
     x = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return x, session.run(["logits"], {"input": x})[0]
+
+
+def check(response: pb.ModelInferResponse, expected: np.ndarray) -> str | None:
+    """Why the answer is wrong (None when it is right): "logits", FP32 [1, 10], finite, and
+    close to `expected`, sent as raw_output_contents or as typed contents."""
+    names = [o.name for o in response.outputs]
+    if "logits" not in names:
+        return f"no logits output: {names}"
+    i = names.index("logits")
+    out = response.outputs[i]
+    shape = [int(d) for d in out.shape]
+    if out.datatype != "FP32" or shape != [1, 10]:
+        return f"logits {out.datatype} {shape}, expected FP32 [1, 10]"
+    if response.raw_output_contents:
+        if len(response.raw_output_contents) != len(names):
+            return f"{len(names)} outputs but {len(response.raw_output_contents)} raw contents"
+        logits = np.frombuffer(response.raw_output_contents[i], dtype="<f4")
+    else:
+        logits = np.asarray(out.contents.fp32_contents, dtype=np.float32)
+    if logits.size != 10:
+        return f"{logits.size} values for [1, 10]"
+    if not np.isfinite(logits).all():
+        return "non-finite logits"
+    if np.abs(logits - expected.ravel()).max() > 1e-3 * np.abs(expected).max() + 1e-6:
+        return f"logits {logits} differ from in-process {expected.ravel()}"
+    return None
+
+
+async def closed_loop(
+    address: str, model: str, concurrency: int, seconds: float, x: np.ndarray, expected: np.ndarray
+) -> dict:
+    """Answers/s and latencies of `concurrency` one-image clients; every answer checked."""
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
     request.raw_input_contents.append(x.tobytes())
     latencies: list[float] = []
+    wrong: list[str] = []
     options = [("grpc.max_receive_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for _ in range(3):
-            await stub.ModelInfer(request)
+            if (why := check(await stub.ModelInfer(request), expected)) is not None:
+                wrong.append(why)
         stop = time.perf_counter() + seconds
 
         async def client() -> None:
             while time.perf_counter() < stop:
                 t = time.perf_counter()
-                await stub.ModelInfer(request)
+                response = await stub.ModelInfer(request)
                 latencies.append(time.perf_counter() - t)
+                if (why := check(response, expected)) is not None:
+                    wrong.append(why)
 
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -124,6 +199,8 @@ async def closed_loop(address: str, model: str, concurrency: int, seconds: float
         "p50_ms": 1000 * lat[len(lat) // 2],
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
         "requests": len(lat),
+        "mismatches": len(wrong),
+        "first_mismatch": wrong[0] if wrong else None,
     }
 
 
@@ -149,56 +226,144 @@ def start_triton(python: str, model: Path, home: Path) -> tuple[subprocess.Popen
     raise RuntimeError("pytriton did not start")
 
 
+def start_kserve(python: str, model: Path, home: Path) -> tuple[subprocess.Popen, str]:
+    """KServe's ModelServer in its own session, once its gRPC port says the model is ready."""
+    grpc_port, http_port = 18111, 18110
+    script = home / "serve_kserve.py"
+    script.write_text(textwrap.dedent(KSERVE_SCRIPT))
+    log = home / "kserve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [python, str(script), str(model), str(grpc_port), str(http_port)], stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    address = f"127.0.0.1:{grpc_port}"
+    deadline = time.monotonic() + 120
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(grpc.RpcError):
+                if stub.ModelReady(pb.ModelReadyRequest(name="bench"), timeout=1).ready:
+                    return proc, address
+            time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    tail = "\n".join(log.read_text().splitlines()[-20:])
+    raise RuntimeError(f"kserve did not start (exit {proc.returncode}):\n{tail}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's session (its children included), SIGKILL whatever is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def package_version(python: str, package: str) -> str:
+    """The version of `package` installed for another interpreter."""
+    code = f"import importlib.metadata as m; print(m.version({package!r}))"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
+
+
+def medians(rounds: list[dict], name: str) -> dict[int, dict[str, float]]:
+    """Per concurrency, the median of each figure over the rounds."""
+    keys = ("images_per_second", "p50_ms", "p99_ms")
+    return {
+        c: {k: statistics.median(r[name][c][k] for r in rounds) for k in keys}
+        for c in rounds[0][name]
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=6.0, help="per measurement")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians shown")
     p.add_argument("--pytriton-python", help="python of a venv with nvidia-pytriton, numpy<2")
+    p.add_argument("--kserve-python", help="python of a venv with kserve and onnxruntime")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         repo = build_repo(Path(tmp))
         model = repo / "bench" / "1" / MODEL_FILE
+        x, expected = probe(model)
         result: dict = {"machine": machine(), "onnxruntime": ort.__version__,
-                        "grpcio": grpc.__version__, "seconds": args.seconds}  # fmt: skip
-        result["in_process"] = in_process(model, args.seconds)
+                        "grpcio": grpc.__version__, "seconds": args.seconds,
+                        "repeats": args.repeats}  # fmt: skip
         ours = stack.enter_context(local_server(repo, Path(tmp) / "defcnn-serve.log"))
         servers = {"defcnn": (ours.process, ours.url)}
-        if args.pytriton_python:
-            servers["triton"] = start_triton(args.pytriton_python, model, Path(tmp))
+        external: list[subprocess.Popen] = []
+        rounds: list[dict] = []
         try:
-            for name, (_, address) in servers.items():
-                model_name = "bench"
-                result[name] = {
-                    c: asyncio.run(closed_loop(address, model_name, c, args.seconds))
-                    for c in args.concurrency
-                }
+            if args.pytriton_python:
+                result["nvidia-pytriton"] = package_version(args.pytriton_python, "nvidia-pytriton")
+                servers["triton"] = start_triton(args.pytriton_python, model, Path(tmp))
+                external.append(servers["triton"][0])
+            if args.kserve_python:
+                result["kserve"] = package_version(args.kserve_python, "kserve")
+                servers["kserve"] = start_kserve(args.kserve_python, model, Path(tmp))
+                external.append(servers["kserve"][0])
+            names = list(servers)
+            for i in range(args.repeats):
+                measured: dict = {"in_process": in_process(model, args.seconds)}
+                for name in names[i % len(names) :] + names[: i % len(names)]:
+                    address = servers[name][1]
+                    measured[name] = {
+                        c: asyncio.run(closed_loop(address, "bench", c, args.seconds, x, expected))
+                        for c in args.concurrency
+                    }
+                rounds.append(measured)
         finally:
-            if "triton" in servers:  # its own session: tritonserver is a grandchild
-                proc = servers["triton"][0]
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=60)
+            for proc in external:  # their own sessions: tritonserver is a grandchild
+                stop(proc)
             # the launcher stops our server when the `with` ends
 
-    best = max(result["in_process"].values())
-    print(f"machine: {result['machine']} | onnxruntime {ort.__version__}")
+    result["rounds"] = rounds
+    result["in_process"] = {
+        b: statistics.median(r["in_process"][b] for r in rounds) for b in rounds[0]["in_process"]
+    }
+    b1, best = result["in_process"][1], max(result["in_process"].values())
+    versions = "".join(f" | {k} {result[k]}" for k in ("nvidia-pytriton", "kserve") if k in result)
+    print(f"machine: {result['machine']} | onnxruntime {ort.__version__}{versions}")
+    print(f"medians of {args.repeats} rounds of {args.seconds:g} s per point")
     print("in-process ONNX Runtime img/s: " + ", ".join(
         f"batch {b}: {r:.1f}" for b, r in result["in_process"].items()))  # fmt: skip
     header = (
         f"{'server':<8}{'conc':>5}{'img/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'/ort b1':>8}{'/best':>7}"
     )
     print(header)
+    wrong: dict[str, int] = {}
     for name in servers:
+        result[name] = medians(rounds, name)
         for c, r in result[name].items():
+            r["per_in_process_batch1"] = r["images_per_second"] / b1
+            r["per_in_process_best"] = r["images_per_second"] / best
             print(
                 f"{name:<8}{c:>5}{r['images_per_second']:>8.1f}{r['p50_ms']:>8.1f}"
-                f"{r['p99_ms']:>8.1f}{r['images_per_second'] / result['in_process'][1]:>8.2f}"
-                f"{r['images_per_second'] / best:>7.2f}"
+                f"{r['p99_ms']:>8.1f}{r['per_in_process_batch1']:>8.2f}"
+                f"{r['per_in_process_best']:>7.2f}"
             )
+        wrong[name] = sum(m["mismatches"] for rd in rounds for m in rd[name].values())
+    result["mismatches"] = wrong
+    answers = sum(m["requests"] for rd in rounds for n in servers for m in rd[n].values())
+    print(f"answers checked: {answers} (+3 warm-up per point), wrong: {wrong}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    if any(wrong.values()):
+        firsts = {
+            n: next(m["first_mismatch"] for rd in rounds for m in rd[n].values() if m["mismatches"])
+            for n, k in wrong.items()
+            if k
+        }
+        raise SystemExit(f"WRONG ANSWERS: {wrong}; first of each: {firsts}")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: any free one), got {text}")
+    return value
+
+
+def _port_or_off(text: str) -> int:
+    return -1 if text.strip() == "-1" else _port(text)
+
+
 def _add_data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
     p.add_argument("--dataset", choices=DATASETS, default=default,
                    help=f"data set (default {default}; digits and cifar10-subset are "
@@ -273,8 +284,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC")
     p.add_argument("--model-repo", required=True, help="repository written by defcnn export")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback: local only)")
-    p.add_argument("--port", type=int, default=8001, help="gRPC port (0: any free port)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus port (-1: off)")
+    p.add_argument("--port", type=_port, default=8001, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=_port_or_off, default=8002,
+                   help="Prometheus port (0: any free port, -1: off)")  # fmt: skip
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1",
+        help="bind address of the metrics endpoint (loopback unless asked: it needs the "
+        "token too when --auth-token-file is set)",
+    )  # fmt: skip
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
                    help="inference runtime")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -283,6 +300,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue-delay-us", type=int, help="default: each model's config.pbtxt")
     p.add_argument("--max-queue-size", type=int, default=1024, help="requests per model version")
     p.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
+    p.add_argument(
+        "--max-inflight-mb", type=int, default=256,
+        help="request bytes held at once, over every caller: a call reserves "
+        "--max-message-mb before its body is read (at least one message's worth)",
+    )  # fmt: skip
     p.add_argument(
         "--threads",
         type=int,
@@ -315,10 +337,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from defcnn.server.app import ServerSettings, configure_logging, serve
     from defcnn.server.repository import ServingOptions
 
-    for name in ("max_batch_size", "max_queue_size", "max_message_mb"):
+    for name in ("max_batch_size", "max_queue_size", "max_message_mb", "max_inflight_mb"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("threads", "max_queue_delay_us"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     for name in ("grace_seconds", "drain_quiet_seconds"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
@@ -326,6 +352,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         model_repo=args.model_repo, host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_host=args.metrics_host, max_inflight_mb=args.max_inflight_mb,
         serving=ServingOptions(
             backend=args.backend, device=args.device, max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,

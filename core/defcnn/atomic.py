@@ -28,7 +28,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -39,6 +39,16 @@ def _umask() -> int:
     current = os.umask(0)  # the only way to read it is to set it
     os.umask(current)
     return current
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """The mode `mkdir` gives a new folder: 0777 less the umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
 
 
 def write_text(path: Path, text: str) -> None:

@@ -24,7 +24,17 @@ REPORT_FILE = "verification.json"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
+# A version folder's name: ASCII digits only ("²" and "٣" are digits to str.isdigit), no
+# leading zero ("01" would be version 1 twice), and small enough for Triton's int64.
+_VERSION = re.compile(r"^(0|[1-9][0-9]{0,17})$")
+
 _ENGINE = re.compile(r"^model\.sm(\d+)\.trt([\d.]+)\.(fp32|fp16)\.plan$")
+
+
+def parse_version(name: str) -> int | None:
+    """The version a folder name or a request's `model_version` stands for; None when it is
+    not one (then it names no version)."""
+    return int(name) if _VERSION.match(name) else None
 
 
 def engine_name(capability: tuple[int, int], trt_version: str, precision: str) -> str:

@@ -98,7 +98,7 @@ def test_a_server_that_cannot_start_is_a_clear_error_with_its_log(tmp_path: Path
     with pytest.raises(DefcnnError) as exc, local_server(missing, tmp_path / "serve.log"):
         pytest.fail("the launcher yielded a server that never started")
     message = str(exc.value)
-    assert "exited with code 1 before it was ready" in message
+    assert "exited with code 2 before it was ready" in message  # a bad argument
     assert f"{missing} is not a folder" in message  # the log's tail, in the error
 
 

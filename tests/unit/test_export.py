@@ -183,7 +183,7 @@ def test_config_parses_back_into_the_servers_model_config(exported: Path) -> Non
 
     path = exported / "defective" / CONFIG_FILE
     config = text_format.Parse(path.read_text(), mc.ModelConfig())
-    assert config == parse_config(path)  # the server reads it the same way
+    assert config == parse_config(path.read_text())  # the server reads it the same way
     assert (config.name, config.platform, config.max_batch_size) == (
         "defective",
         "onnxruntime_onnx",

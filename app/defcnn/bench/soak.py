@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from defcnn.atomic import write_json
 from defcnn.errors import ConfigError
-from defcnn.names import MODEL_FILE
+from defcnn.names import MODEL_FILE, parse_version
 from defcnn.server.launcher import local_server, sigterm_as_interrupt
 from defcnn.server.scrape import queue_gauges
 
@@ -116,8 +116,8 @@ def _reference(repo: Path, model: str, n: int, seed: int) -> tuple[np.ndarray, n
     """Seeded random images and the newest version's logits for them, in-process."""
     import onnxruntime as ort
 
-    versions = sorted((p for p in (repo / model).iterdir() if p.name.isdigit()),
-                      key=lambda p: int(p.name))  # fmt: skip
+    versions = sorted((p for p in (repo / model).iterdir() if parse_version(p.name) is not None),
+                      key=lambda p: parse_version(p.name) or 0)  # fmt: skip
     if not versions:
         raise ConfigError(f"{repo / model} has no version folder")
     session = ort.InferenceSession(str(versions[-1] / MODEL_FILE),

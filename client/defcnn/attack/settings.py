@@ -321,7 +321,7 @@ def resolve_label_map(
         for key, value in data.items():
             if key in classes:
                 i = classes.index(key)
-            elif key.isdigit() and int(key) < len(classes):
+            elif key.isascii() and key.isdigit() and int(key) < len(classes):
                 i = int(key)
             else:
                 near = difflib.get_close_matches(key, list(classes), n=1)

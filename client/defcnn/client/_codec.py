@@ -132,10 +132,10 @@ def decode_scores(response: pb.ModelInferResponse, spec: EndpointSpec) -> np.nda
 
 def _label_index(item: bytes, labels: tuple[str, ...]) -> int:
     text = item.decode()
-    if text.lstrip("-").isdigit():
+    if text.lstrip("-").isascii() and text.lstrip("-").isdigit():
         return int(text)
     parts = text.split(":", 2)  # the classification extension's "value:index[:label]"
-    if len(parts) >= 2 and parts[1].isdigit():
+    if len(parts) >= 2 and parts[1].isascii() and parts[1].isdigit():
         return int(parts[1])
     if text in labels:
         return labels.index(text)

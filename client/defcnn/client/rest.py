@@ -272,7 +272,7 @@ class RestTransport:
                 method, path, content=content, headers=all_headers, timeout=timeout
             ) as r:
                 length = r.headers.get("content-length", "")
-                if length.isdigit() and int(length) > self._max:
+                if length.isascii() and length.isdigit() and int(length) > self._max:
                     raise self._too_large(int(length))
                 body = bytearray()
                 for chunk in r.iter_bytes():

@@ -18,6 +18,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from defcnn.errors import ConfigError
+from defcnn.names import parse_version
 from defcnn.protos import grpc_service_pb2 as pb
 
 Layout = Literal["NCHW", "NHWC"]
@@ -262,7 +263,7 @@ def probe_kind(scores: np.ndarray) -> OutputKind:
 
 
 def _latest(versions: Sequence[str]) -> str:
-    ordered = sorted(versions, key=lambda v: int(v) if v.isdigit() else -1)
+    ordered = sorted(versions, key=lambda v: -1 if (n := parse_version(v)) is None else n)
     return ordered[-1] if ordered else ""
 
 

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from defcnn.atomic import folder_mode
 from defcnn.errors import ConfigError, ExportError
-from defcnn.names import LABELS_FILE
+from defcnn.names import LABELS_FILE, parse_version
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -38,7 +39,8 @@ def versions(model_dir: Path) -> list[int]:
     """Existing numeric version folders, ascending."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    found = ((parse_version(p.name), p) for p in model_dir.iterdir())
+    return sorted(v for v, p in found if v is not None and p.is_dir())
 
 
 def next_version(model_dir: Path, requested: int | None) -> int:
@@ -61,6 +63,7 @@ def staged_version(model_dir: Path, version: int) -> Iterator[Path]:
     """Yield a staging folder; on success rename it to `model_dir/version`, else delete it."""
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
+    os.chmod(staging, folder_mode())  # mkdtemp's 0700 would hide it from a server's user
     try:
         yield staging
         target = model_dir / str(version)

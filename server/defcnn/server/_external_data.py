@@ -128,8 +128,9 @@ def external_locations(data: bytes) -> Iterator[tuple[str, str]]:
 
 
 def check_external_data(model: Path) -> None:
-    """Refuse an ONNX file whose external tensor data lies outside its version folder: a
-    repository must never make the server read files it was not given."""
+    """Refuse an ONNX file whose external tensor data lies outside its version folder (or
+    is no regular file there): a repository must never make the server read files it was
+    not given."""
     folder = model.parent.resolve()
     try:
         found = list(external_locations(model.read_bytes()))
@@ -142,3 +143,6 @@ def check_external_data(model: Path) -> None:
                 f"tensor {name!r} keeps its data at {location!r}, outside the model's "
                 "folder; refused"
             )
+        if target.exists() and not target.is_file():
+            raise InvalidArgument(f"tensor {name!r} keeps its data in {location!r}, "
+                                  "which is not a regular file; refused")  # fmt: skip

@@ -12,24 +12,36 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from defcnn.errors import ConfigError
 from defcnn.protos import grpc_service_pb2
 from defcnn.server.auth import BearerTokenInterceptor, load_token
 from defcnn.server.drain import ArrivalClock
-from defcnn.server.handlers import add_inference_service
+from defcnn.server.handlers import Intake, add_inference_service
+from defcnn.server.health import SERVING, BoundedHealth
+from defcnn.server.inflight import ByteBudget
 from defcnn.server.ready import ModelState, ReadyFile, check_writable
-from defcnn.server.repository import FailedVersion, ModelRepository, ServingOptions
+from defcnn.server.repository import (
+    FailedVersion,
+    ModelRepository,
+    ServingOptions,
+    check_repository,
+)
 from defcnn.server.servicer import InferenceServicer
-from defcnn.server.statistics import Metrics, start_metrics_server
+from defcnn.server.statistics import (
+    Metrics,
+    MetricsServer,
+    bind_metrics_server,
+    serve_in_thread,
+)
 
 log = logging.getLogger("defcnn.server")
+SAME_SIGNAL_S = 0.2  # a second signal sooner than this is the first one delivered twice
 SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
@@ -41,12 +53,14 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int | None = 8002
+    metrics_host: str = "127.0.0.1"
     serving: ServingOptions = field(default_factory=ServingOptions)
     auth_token_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
     max_message_mb: int = 64
+    max_inflight_mb: int = 256
     grace_s: float = 10.0
     drain_quiet_s: float = 0.25
     ready_file: str | None = None
@@ -56,6 +70,10 @@ class ServerSettings:
         """Every size check derives from max_message_mb: gRPC's limits both ways and the
         repository's refusal of a max batch that would not fit."""
         return self.max_message_mb * 2**20
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        return self.max_inflight_mb * 2**20
 
 
 def _credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
@@ -71,6 +89,18 @@ def _credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], ca, require_client_auth=ca is not None)
 
 
+# Connections: keepalive pings find dead peers, a connection idle for 5 minutes is closed
+# (clients reconnect transparently), and one that never completes its handshake is dropped.
+_CONNECTION_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.max_connection_idle_ms", 300_000),
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    ("grpc.max_concurrent_streams", 1_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
 class InferenceServer:
     """One running server; `start` returns once it serves, `stop` drains it."""
 
@@ -78,22 +108,27 @@ class InferenceServer:
         self.settings = settings
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
+        self.codec_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="codec")
         self.repository = ModelRepository(
             Path(settings.model_repo), settings.serving, self.executor, self.metrics,
             max_message_bytes=settings.max_message_bytes,
         )  # fmt: skip
         self.metrics.watch_queues(self.repository.queue_depths)
-        self.servicer = InferenceServicer(self.repository, self.metrics)
-        self.health = health.aio.HealthServicer()
+        self.servicer = InferenceServicer(self.repository, self.metrics, self.codec_executor)
+        self.health = BoundedHealth(("", SERVICE))
+        self.budget = ByteBudget(max(settings.max_inflight_bytes, settings.max_message_bytes))
         self.arrivals = ArrivalClock()
         self.closing_streams = asyncio.Event()
         self.port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
-        self._metrics_server: ThreadingHTTPServer | None = None
+        self._metrics_server: MetricsServer | None = None
 
-    async def start(self) -> None:
+    async def start(self) -> bool:
+        """Bind, load every model, then serve; False when `stop_loading` was set while the
+        models loaded (a signal during start-up): then nothing was ever served."""
         s = self.settings
+        check_repository(Path(s.model_repo))
         token = load_token(s.auth_token_file)
         credentials = _credentials(s)
         interceptors: list[grpc.aio.ServerInterceptor] = [self.arrivals]
@@ -104,17 +139,16 @@ class InferenceServer:
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                *_CONNECTION_OPTIONS,
             ],
         )
-        add_inference_service(self.servicer, server, self.closing_streams)
+        intake = Intake(self.budget, s.max_message_bytes, self.codec_executor)
+        add_inference_service(self.servicer, server, self.closing_streams, intake)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], server,
         )  # fmt: skip
-        for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{s.host}:{s.port}"
         try:
             self.port = (
@@ -125,24 +159,36 @@ class InferenceServer:
             raise ConfigError(f"cannot bind {address} (in use, or not an address here)") from exc
         if self.port == 0:
             raise ConfigError(f"cannot bind {address}")
+        if s.metrics_port is not None:  # bound before loading: a taken port fails at once
+            try:
+                self._metrics_server = bind_metrics_server(
+                    self.metrics, s.metrics_host, s.metrics_port, token
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot bind the metrics endpoint {s.metrics_host}:{s.metrics_port}: "
+                    f"{exc.strerror or exc} (--metrics-port, --metrics-host; -1 turns it off)"
+                ) from None
+            self.metrics_port = self._metrics_server.server_port
         await server.start()
         self._server = server
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.repository.load_all)  # load + warm-up, off-loop
+        if self.repository.stop_loading.is_set():
+            return False
         self.repository.start()
-        if s.metrics_port is not None:
-            self._metrics_server = start_metrics_server(self.metrics, s.host, s.metrics_port)
-            self.metrics_port = self._metrics_server.server_port
+        if self._metrics_server is not None:
+            serve_in_thread(self._metrics_server)
         self.servicer.accepting = True
-        for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set_all(SERVING)
+        return True
 
     async def stop(self) -> None:
         """Drain within the grace period: refuse new work, answer every accepted request,
         keep refusing until callers are quiet, and only then close the listener."""
         deadline = time.monotonic() + self.settings.grace_s
         self.servicer.accepting = False
-        await self.health.enter_graceful_shutdown()
+        self.health.close()  # probes see NOT_SERVING; Watch streams end now
         try:  # queued requests run now, without waiting out their batch window
             await asyncio.wait_for(self.repository.close(), self.settings.grace_s)
         except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
@@ -152,8 +198,9 @@ class InferenceServer:
             await self.arrivals.quiet(self.settings.drain_quiet_s, deadline)
             await self._server.stop(max(0.0, deadline - time.monotonic()))
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            self._metrics_server.shutdown_and_close()
         self.executor.shutdown(wait=True)
+        self.codec_executor.shutdown(wait=True)
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -184,8 +231,17 @@ class InferenceServer:
         )
 
 
+def _exit_now(code: int) -> None:
+    """Leave at once, without waiting for threads (a model still loading in C code)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 async def serve(settings: ServerSettings) -> int:
-    """Run until SIGTERM or SIGINT, then drain; returns the exit code."""
+    """Run until SIGTERM or SIGINT, then drain; returns the exit code. A signal while the
+    models load stops the loading (the server never announces ready); a second signal
+    exits at once, without draining."""
     ready_file = Path(settings.ready_file) if settings.ready_file else None
     if ready_file is not None:
         check_writable(ready_file)
@@ -193,17 +249,43 @@ async def serve(settings: ServerSettings) -> int:
     written = False
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    first: list[float] = []
+
+    def on_signal(signum: int) -> None:
+        if first:
+            if time.monotonic() - first[0] < SAME_SIGNAL_S:
+                return  # one request delivered twice (as `timeout` does: to us and our group)
+            log.warning("second %s: exiting now, without draining", signal.Signals(signum).name)
+            _exit_now(128 + signum)
+        first.append(time.monotonic())
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+        server.repository.stop_loading.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await server.start()
-        if ready_file is not None:
-            await loop.run_in_executor(None, server.ready_document().write, ready_file)
-            written = True
-        print(server.ready_line(), flush=True)
-        await stop.wait()
-        log.info("shutting down: draining in-flight requests")
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # a signal while loading: give the loader the grace period
+            try:
+                await asyncio.wait_for(asyncio.shield(starting), settings.grace_s)
+            except asyncio.TimeoutError:
+                log.warning("model loading did not stop within %.1fs; exiting", settings.grace_s)
+                _exit_now(1)
+        if starting.result():
+            if ready_file is not None:
+                await loop.run_in_executor(None, server.ready_document().write, ready_file)
+                written = True
+            print(server.ready_line(), flush=True)
+            await stopping
+            log.info("draining in-flight requests")
+        else:
+            log.info("stopped while loading models; nothing was served")
     finally:
+        stopping.cancel()
         if ready_file is not None and written:  # a stopping server is no longer ready
             with contextlib.suppress(OSError):
                 ready_file.unlink(missing_ok=True)
@@ -215,8 +297,12 @@ async def serve(settings: ServerSettings) -> int:
 def configure_logging(level: str = "INFO") -> None:
     """Structured one-line logs: time, level, logger, message as key=value. `level` is a
     level name in any case ("debug", "INFO")."""
-    logging.basicConfig(
-        level=level.upper(),
+    wanted = logging.getLevelName(level.upper())
+    if not isinstance(wanted, int):
+        raise ConfigError(f"unknown log level {level!r}")
+    logging.basicConfig(  # other libraries' debug output (gRPC logs every call) stays out
+        level=max(wanted, logging.INFO),
         format='ts=%(asctime)s level=%(levelname)s logger=%(name)s msg="%(message)s"',
         stream=sys.stderr,
     )
+    logging.getLogger("defcnn").setLevel(wanted)

@@ -22,18 +22,17 @@ def load_token(token_file: str | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
-def _deny(message: str) -> grpc.RpcMethodHandler:
-    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+def _deny(message: str, streaming: bool) -> grpc.RpcMethodHandler:
+    """A refusal that never reads the request: registered as client-streaming, its body is
+    left unread (a unary client sees no difference), so a caller without the token costs
+    the server its headers only."""
 
-    return grpc.unary_unary_rpc_method_handler(abort)
-
-
-def _deny_stream(message: str) -> grpc.RpcMethodHandler:
     async def abort(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    return grpc.stream_stream_rpc_method_handler(abort)
+    if streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    return grpc.stream_unary_rpc_method_handler(abort)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -55,6 +54,4 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(given, self._expected):
             return await continuation(details)
         message = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
-        if method.endswith(("/ModelStreamInfer", "/ServerReflectionInfo")):
-            return _deny_stream(message)
-        return _deny(message)
+        return _deny(message, method.endswith(("/ModelStreamInfer", "/ServerReflectionInfo")))

@@ -1,8 +1,9 @@
 """Protobuf <-> numpy for ModelInfer, with every check a malformed request needs.
 
 Tensors stay numpy arrays throughout (np.frombuffer on raw contents, never Python lists).
-NaN/Inf policy: rejected with INVALID_ARGUMENT, since a pixel has no such value and a
-NaN would silently poison a whole batch's statistics nowhere but in the answer.
+NaN/Inf policy: rejected with INVALID_ARGUMENT both ways. A pixel has no such value; and
+finite inputs can still overflow float32 inside the model, so an output holding NaN or Inf
+is refused too, never returned as an answer.
 """
 
 from __future__ import annotations
@@ -30,13 +31,27 @@ class RequestedOutput:
     class_count: int  # 0: the raw tensor; K > 0: the top K as BYTES "value:index:label"
 
 
+def input_bytes(request: pb.ModelInferRequest) -> int:
+    """How much input data a request carries, in constant time (for where to decode it)."""
+    if len(request.inputs) != 1:
+        return 0
+    return sum(len(r) for r in request.raw_input_contents[:1]) + 4 * len(
+        request.inputs[0].contents.fp32_contents
+    )
+
+
 def decode_inputs(request: pb.ModelInferRequest, mv: ModelVersion) -> np.ndarray:
     """The request's images as float32 [N, *dims]; raises on anything malformed."""
     expected_name = mv.config.input[0].name
-    names = [t.name for t in request.inputs]
-    if names != [expected_name]:  # missing, unknown, extra or repeated
+    if len(request.inputs) != 1:  # counted before any is looked at: there may be thousands
         raise InvalidArgument(
-            f"model {mv.name!r} takes exactly one input {expected_name!r}; got {names}"
+            f"model {mv.name!r} takes exactly one input {expected_name!r}; the request has "
+            f"{len(request.inputs)}"
+        )
+    if request.inputs[0].name != expected_name:
+        raise InvalidArgument(
+            f"model {mv.name!r} takes exactly one input {expected_name!r}; got "
+            f"{request.inputs[0].name!r}"
         )
     tensor = request.inputs[0]
     if tensor.datatype != "FP32":
@@ -92,6 +107,11 @@ def requested_outputs(request: pb.ModelInferRequest, mv: ModelVersion) -> list[R
     output_name = mv.config.output[0].name
     if not request.outputs:
         return [RequestedOutput(output_name, 0)]
+    if len(request.outputs) > len(mv.config.output):  # a name twice, as Triton refuses it
+        raise InvalidArgument(
+            f"the request names {len(request.outputs)} outputs; model {mv.name!r} has "
+            f"{len(mv.config.output)} ({output_name!r}), and each may be named once"
+        )
     result = []
     for out in request.outputs:
         if out.name != output_name:
@@ -104,6 +124,15 @@ def requested_outputs(request: pb.ModelInferRequest, mv: ModelVersion) -> list[R
             k = min(k, mv.num_classes)
         result.append(RequestedOutput(out.name, k))
     return result
+
+
+def check_finite(logits: np.ndarray) -> None:
+    """A NaN or Inf is no answer: refuse it rather than return it as one."""
+    if not np.isfinite(logits).all():
+        raise InvalidArgument(
+            "the model's output for this input holds NaN or Inf (float32 overflow: inputs "
+            "far outside the model's range?); no answer given"
+        )
 
 
 def _bytes_tensor(items: list[bytes]) -> bytes:
@@ -122,6 +151,17 @@ def classify(logits: np.ndarray, k: int, labels: list[str]) -> bytes:
                 text += f":{labels[i]}"
             items.append(text.encode())
     return _bytes_tensor(items)
+
+
+def answer(
+    request: pb.ModelInferRequest,
+    mv: ModelVersion,
+    outputs: list[RequestedOutput],
+    logits: np.ndarray,
+) -> pb.ModelInferResponse:
+    """The response for `logits`, refused if any of them is not finite."""
+    check_finite(logits)
+    return encode_response(request, mv, outputs, logits)
 
 
 def encode_response(

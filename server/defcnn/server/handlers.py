@@ -1,103 +1,221 @@
-"""Registers the servicer with gRPC so that bytes which are not a valid request message get
-INVALID_ARGUMENT with a plain message, instead of gRPC's UNKNOWN naming a Python exception.
+"""Registers the servicer with gRPC, taking over what gRPC would otherwise do on the event
+loop or before any check: receiving, parsing and serializing messages.
 
-The generated `add_GRPCInferenceServiceServicer_to_server` hands undecodable bytes to
-gRPC's own error path; here each method's deserialiser returns a `Malformed` marker instead,
-and the wrapper answers it before the servicer sees anything. The one streaming method,
-ModelStreamInfer, is served here message by message with the servicer's `stream_message`.
+- Each unary method is registered as client-streaming at the wire (the client sees no
+  difference), so that its body is read only after the call has reserved room for it in
+  the server's byte budget (`inflight.ByteBudget`), within a time limit.
+- Messages arrive as bytes; parsing and serializing a message larger than
+  `INLINE_BYTES` happens in a worker thread, so no request can hold the event loop for a
+  time proportional to its size.
+- Bytes that are not a valid request message get INVALID_ARGUMENT with a plain message.
+- RPCs the servicer does not implement (model load/unload, shared memory, trace, log
+  settings) answer UNIMPLEMENTED without reading their body and without a traceback.
+- ModelStreamInfer is served here message by message with the servicer's
+  `stream_message`; setting `closing` ends the streams that are waiting for a message.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from defcnn.protos import grpc_service_pb2 as pb
+from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 from defcnn.server.drain import until_set
-from defcnn.server.errors import Unavailable, status_of
+from defcnn.server.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServerError,
+    Unavailable,
+    status_of,
+)
+from defcnn.server.inflight import ByteBudget
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+INLINE_BYTES = 64 * 1024  # parsed or serialized on the event loop up to this size
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
-class Malformed:
-    """A request whose bytes did not parse as the method's message type."""
+class Intake:
+    """How requests come in: the shared byte budget, the largest message, how long a body
+    may take to arrive and a call may wait for room, and the threads for large messages."""
 
-    type_name: str
-    error: str
+    budget: ByteBudget
+    max_message_bytes: int
+    executor: Executor
+    read_timeout_s: float = 30.0
+    wait_timeout_s: float = 30.0
 
-    @property
-    def message(self) -> str:
-        return f"malformed request: not a valid {self.type_name} ({self.error})"
+    async def parse(self, cls: type[M], data: bytes) -> M:
+        if len(data) <= INLINE_BYTES:
+            return _parse(cls, data)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, _parse, cls, data)
 
+    async def serialize(self, message: Message) -> bytes:
+        if message.ByteSize() <= INLINE_BYTES:
+            return message.SerializeToString()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, message.SerializeToString)
 
-def _deserializer(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
-    def parse(data: bytes) -> Message | Malformed:
+    @contextlib.contextmanager
+    def read_limit(self, what: str) -> Iterator[None]:
+        """Cancel the enclosed read if the body has not arrived within the time limit, and
+        say so as DEADLINE_EXCEEDED: a client that sends headers and then stalls holds a
+        reservation, and must not hold it for ever."""
+        task = asyncio.current_task()
+        fired = []
+
+        def expire() -> None:
+            fired.append(True)
+            if task is not None:
+                task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.read_timeout_s, expire)
         try:
-            return cls.FromString(data)
-        except (DecodeError, RuntimeError, ValueError) as exc:
-            return Malformed(cls.DESCRIPTOR.full_name, str(exc) or type(exc).__name__)
+            yield
+        except asyncio.CancelledError:
+            if fired:
+                raise DeadlineExceeded(
+                    f"{what} not received within {self.read_timeout_s:.0f} s"
+                ) from None
+            raise
+        finally:
+            timer.cancel()
 
-    return parse
+
+def _parse(cls: type[M], data: bytes) -> M:
+    try:
+        return cls.FromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidArgument(
+            f"malformed request: not a valid {cls.DESCRIPTOR.full_name} "
+            f"({str(exc) or type(exc).__name__})"
+        ) from None
 
 
-def _unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-    async def handle(request: Message | Malformed, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await behaviour(request, context)
+async def _read_one(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext, intake: Intake
+) -> bytes:
+    with intake.read_limit("the request"):
+        data = await context.read()
+    if data is grpc.aio.EOF:
+        raise InvalidArgument("the call carried no request message")
+    return data
+
+
+def _unary(
+    behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]],
+    request_cls: type[Message],
+    intake: Intake,
+) -> Callable[..., Awaitable[bytes]]:
+    async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        reserved = intake.max_message_bytes
+        held = 0
+        try:
+            await intake.budget.acquire(reserved, intake.wait_timeout_s)
+            held = reserved
+            data = await _read_one(requests, context, intake)
+            held = intake.budget.shrink(reserved, 2 * len(data))  # the bytes and the message
+            request = await intake.parse(request_cls, data)
+            del data
+            return await intake.serialize(await behaviour(request, context))
+        except ServerError as exc:
+            await context.abort(*status_of(exc))
+            raise AssertionError("unreachable") from None
+        finally:
+            intake.budget.release(held)
+
+    return handle
+
+
+def _unimplemented(name: str) -> Callable[..., Awaitable[bytes]]:
+    async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"{name} is not supported by this server"
+        )
+        raise AssertionError("unreachable")
 
     return handle
 
 
 def _stream(
-    answer: Callable[[Any], Awaitable[pb.ModelStreamInferResponse]],
+    answer: Callable[[pb.ModelInferRequest], Awaitable[pb.ModelStreamInferResponse]],
     closing: asyncio.Event,
-) -> Callable[..., AsyncIterator[pb.ModelStreamInferResponse]]:
+    intake: Intake,
+    streams: asyncio.Semaphore,
+) -> Callable[..., AsyncIterator[bytes]]:
     """Each message answered in turn by `answer`; as for every stream error, a malformed
-    message is answered in its error_message. Once `closing` is set, a stream waiting for its
-    next message ends with UNAVAILABLE."""
+    message is answered in its error_message. A stream waits for its next message without a
+    reservation (it may be idle for long); once a message is in, its bytes count against
+    the budget until it is answered. Once `closing` is set, a stream waiting for its next
+    message ends with UNAVAILABLE."""
 
     async def handle(
-        requests: AsyncIterator[Message | Malformed], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        try:
-            async for request in until_set(closing, aiter(requests)):
-                if isinstance(request, Malformed):
-                    yield pb.ModelStreamInferResponse(error_message=request.message)
-                else:
-                    yield await answer(request)
-        except Unavailable as exc:
-            await context.abort(*status_of(exc))
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        if streams.locked():
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open ModelStreamInfer streams"
+            )
+        async with streams:
+            try:
+                async for data in until_set(closing, aiter(requests)):
+                    size = min(2 * len(data), intake.budget.limit)
+                    await intake.budget.acquire(size, intake.wait_timeout_s)
+                    try:
+                        try:
+                            request = await intake.parse(pb.ModelInferRequest, data)
+                        except InvalidArgument as exc:
+                            reply = pb.ModelStreamInferResponse(error_message=str(exc))
+                        else:
+                            reply = await answer(request)
+                        del data
+                        yield await intake.serialize(reply)
+                    finally:
+                        intake.budget.release(size)
+            except (Unavailable, ResourceExhausted) as exc:
+                await context.abort(*status_of(exc))
 
     return handle
 
 
-def add_inference_service(servicer: Any, server: grpc.aio.Server, closing: asyncio.Event) -> None:
+def add_inference_service(
+    servicer: Any,
+    server: grpc.aio.Server,
+    closing: asyncio.Event,
+    intake: Intake,
+    max_streams: int = 64,
+) -> None:
     """Every method of the service, from its descriptor, bound to `servicer`; setting
     `closing` ends the streams that are idle."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    base = pb_grpc.GRPCInferenceServiceServicer
+    streams = asyncio.Semaphore(max_streams)
     handlers = {}
     for method in service.methods:
-        request_cls = getattr(pb, method.input_type.name)
-        response_cls = getattr(pb, method.output_type.name)
-        options = {
-            "request_deserializer": _deserializer(request_cls),
-            "response_serializer": response_cls.SerializeToString,
-        }
         if method.client_streaming or method.server_streaming:
             if method.name != "ModelStreamInfer":
                 raise TypeError(f"no stream handler for {method.name}")
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _stream(servicer.stream_message, closing), **options
+                _stream(servicer.stream_message, closing, intake, streams)
+            )
+        elif getattr(type(servicer), method.name) is getattr(base, method.name):
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                _unimplemented(method.name)
             )
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(getattr(servicer, method.name)), **options
+            request_cls = getattr(pb, method.input_type.name)
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                _unary(getattr(servicer, method.name), request_cls, intake)
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

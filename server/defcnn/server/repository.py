@@ -4,6 +4,7 @@ never fatal. Names are looked up in what was loaded, never joined into paths."""
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +12,15 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import text_format
 
-from defcnn.names import CONFIG_FILE, MODEL_FILE
+from defcnn.errors import ConfigError
+from defcnn.names import CONFIG_FILE, MODEL_FILE, parse_version
 from defcnn.protos import model_config_pb2
+from defcnn.protos.model_config_pb2 import ModelConfig
 from defcnn.server._external_data import check_external_data
 from defcnn.server.backends.base import Backend
 from defcnn.server.batching import BatchRecord, DynamicBatcher
-from defcnn.server.errors import InvalidArgument, NotFound, Unavailable
+from defcnn.server.errors import InvalidArgument, NotFound, ServerError, Unavailable
+from defcnn.server.model_files import CONFIG_LIMIT, LABELS_LIMIT, RepositoryFiles
 from defcnn.server.statistics import Metrics
 
 log = logging.getLogger("defcnn.server")
@@ -64,10 +68,24 @@ class FailedVersion:
 AnyVersion = ModelVersion | FailedVersion
 
 
-def parse_config(path: Path) -> model_config_pb2.ModelConfig:
+def parse_config(text: str) -> model_config_pb2.ModelConfig:
     config = model_config_pb2.ModelConfig()
-    text_format.Parse(path.read_text(), config)
+    text_format.Parse(text, config)
     return config
+
+
+def check_repository(root: Path) -> None:
+    """Refuse, before anything binds, a repository path that is no folder or is one
+    model's folder (a common slip: it would serve nothing)."""
+    if not root.is_dir():
+        raise ConfigError(f"--model-repo {root} is not a folder")
+    if (root / CONFIG_FILE).is_file() or any(
+        parse_version(p.name) is not None and (p / MODEL_FILE).exists() for p in root.iterdir()
+    ):
+        raise ConfigError(
+            f"--model-repo {root} is one model's folder (it holds {CONFIG_FILE} or version "
+            f"folders); pass the folder above it, which holds one folder per model"
+        )
 
 
 def _make_backend(options: ServingOptions, folder: Path) -> Backend:
@@ -100,52 +118,96 @@ class ModelRepository:
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes  # a full batch must fit in one message
         self.models: dict[str, dict[int, AnyVersion]] = {}
+        self.files = RepositoryFiles(self.root)
+        self.stop_loading = threading.Event()
 
     def load_all(self) -> None:
-        """Load and warm every version; failures are logged and kept as not-ready entries."""
+        """Load and warm every version; failures are logged and kept as not-ready entries.
+        Nothing inside one model's folder can stop the others from loading. Setting
+        `stop_loading` ends the loading before the next version."""
         if not self.root.is_dir():
             raise NotFound(f"model repository {self.root} is not a folder")
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            if model_dir.name.startswith("."):
+            name = model_dir.name
+            if name.startswith("."):
                 continue
-            self.models[model_dir.name] = self._load_model(model_dir)
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:  # no client could name it, and gRPC cannot send it
+                log.warning("skipped a model folder whose name is not UTF-8: %r", name)
+                continue
+            if self.stop_loading.is_set():
+                return
+            try:
+                self.models[name] = self._load_model(model_dir)
+            except Exception as exc:  # a bug or an unforeseen file: this model only
+                log.exception("model %s not ready", name)
+                reason = self.files.scrub(f"{type(exc).__name__}: {exc}")
+                self.models[name] = {0: FailedVersion(name, 0, reason, ModelConfig())}
 
     def _load_model(self, model_dir: Path) -> dict[int, AnyVersion]:
         name = model_dir.name
+        versions = self.files.version_folders(model_dir)
         try:
-            config = parse_config(model_dir / CONFIG_FILE)
-        except Exception as exc:
-            log.error("model %s: unreadable config.pbtxt: %s", name, exc)
-            reason = f"unreadable config.pbtxt: {exc}"
-            return {0: FailedVersion(name, 0, reason, model_config_pb2.ModelConfig())}
-        label_name = config.output[0].label_filename if config.output else ""
-        labels = []
-        if label_name and Path(label_name).name == label_name and label_name != "..":
-            labels_file = model_dir / label_name  # a plain name inside the model's folder only
-            labels = labels_file.read_text().splitlines() if labels_file.is_file() else []
-        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
-        loaded: dict[int, AnyVersion] = {}
-        for v in versions:
+            self.files.inside(self.root, model_dir, "model folder")
+            text = self.files.read_text(model_dir, model_dir / CONFIG_FILE, CONFIG_FILE,
+                                        CONFIG_LIMIT)  # fmt: skip
             try:
-                loaded[v] = self._load_version(name, v, config, labels, model_dir / str(v))
+                config = parse_config(text)
+            except text_format.ParseError as exc:
+                raise InvalidArgument(f"{CONFIG_FILE} does not parse: {exc}") from None
+            labels = self._labels(model_dir, config)
+        except InvalidArgument as exc:
+            log.error("model %s not ready: %s", name, exc)
+            return {v: FailedVersion(name, v, str(exc), ModelConfig()) for v in versions or [0]}
+        if not versions:
+            log.warning("model %s has no version folder (1, 2, ...)", name)
+        loaded: dict[int, AnyVersion] = {}
+        for v, folder in versions.items():
+            if self.stop_loading.is_set():
+                break
+            try:
+                loaded[v] = self._load_version(name, v, config, labels, model_dir, folder)
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                text = str(exc) if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+                reason = self.files.scrub(text)
                 log.error("model %s version %d not ready: %s", name, v, reason)
                 loaded[v] = FailedVersion(name, v, reason, config)
         return loaded
+
+    def _labels(self, model_dir: Path, config: ModelConfig) -> list[str]:
+        """The output's label file: a plain name in the model's folder, resolving inside
+        it; none named, none read."""
+        label_name = config.output[0].label_filename if config.output else ""
+        if not label_name:
+            return []
+        if Path(label_name).name != label_name or label_name in (".", ".."):
+            raise InvalidArgument(f"label_filename {label_name!r} is not a plain file name")
+        path = model_dir / label_name
+        if not path.exists() and not path.is_symlink():
+            return []
+        return self.files.read_text(model_dir, path, label_name, LABELS_LIMIT).splitlines()
 
     def _load_version(
         self,
         name: str,
         version: int,
-        cfg: model_config_pb2.ModelConfig,
+        cfg: ModelConfig,
         labels: list[str],
+        model_dir: Path,
         folder: Path,
     ) -> ModelVersion:
+        folder = self.files.inside(model_dir, folder, "version folder")
         if len(cfg.input) != 1 or len(cfg.output) != 1:
             raise InvalidArgument("expected exactly one input and one output in config.pbtxt")
         input_dims = tuple(int(d) for d in cfg.input[0].dims)
-        num_classes = int(cfg.output[0].dims[0])
+        output_dims = tuple(int(d) for d in cfg.output[0].dims)
+        if not input_dims or min(input_dims) < 1 or len(output_dims) != 1 or output_dims[0] < 1:
+            raise InvalidArgument(
+                f"config.pbtxt dims: input {list(input_dims)} and output {list(output_dims)}; "
+                "expected positive sizes and one output dimension (the classes)"
+            )
+        num_classes = output_dims[0]
         max_batch_size = self.options.max_batch_size or cfg.max_batch_size or 1
         needed = max_batch_size * int(np.prod(input_dims)) * 4 + 64 * 1024
         if needed > self.max_message_bytes:
@@ -157,7 +219,8 @@ class ModelRepository:
         if delay_us is None:
             delay_us = cfg.dynamic_batching.max_queue_delay_microseconds
         if self.options.backend == "onnxruntime":
-            check_external_data(folder / MODEL_FILE)
+            model = self.files.regular_file(folder, folder / MODEL_FILE, MODEL_FILE, 1 << 40)
+            check_external_data(model)
         backend = _make_backend(self.options, folder)
         for n in sorted({1, max_batch_size}):  # warm-up, and a check that it really runs
             out = backend.run(np.zeros((n, *input_dims), dtype=np.float32))
@@ -204,9 +267,10 @@ class ModelRepository:
         if not versions:
             raise NotFound(f"unknown model {name!r}")
         if version:
-            if not version.isdigit() or int(version) not in versions:
+            number = parse_version(version)
+            if number is None or number not in versions:
                 raise NotFound(f"model {name!r} has no version {version!r}")
-            return versions[int(version)]
+            return versions[number]
         return versions[max(versions)]
 
     def lookup(self, name: str, version: str = "") -> ModelVersion:

@@ -8,10 +8,12 @@ UNIMPLEMENTED answer. ModelStreamInfer is answered one message at a time by
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
@@ -26,6 +28,7 @@ from defcnn.server.statistics import Duration, Metrics
 log = logging.getLogger("defcnn.server")
 SERVER_NAME = "defcnn"
 SERVER_VERSION = "0.1.0"
+INLINE_BYTES = 64 * 1024  # decoded and encoded on the event loop up to this size
 EXTENSIONS = ("classification", "model_configuration", "statistics", "binary_tensor_data")
 
 R = TypeVar("R")
@@ -61,9 +64,12 @@ def _dims(values: tuple[int, ...] | list[int]) -> list[int]:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 / Triton-compatible service over a loaded model repository."""
 
-    def __init__(self, repository: ModelRepository, metrics: Metrics) -> None:
+    def __init__(
+        self, repository: ModelRepository, metrics: Metrics, executor: Executor | None = None
+    ) -> None:
         self.repository = repository
         self.metrics = metrics
+        self.executor = executor  # decoding and encoding of large requests (None: the loop's)
         self.accepting = False
 
     async def ServerLive(
@@ -137,10 +143,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise Unavailable("the server is not accepting requests (starting or draining)")
         mv = self.repository.lookup(request.model_name, request.model_version)
         try:
-            images = codec.decode_inputs(request, mv)
             outputs = codec.requested_outputs(request, mv)
+            loop = asyncio.get_running_loop()
+            large = codec.input_bytes(request) > INLINE_BYTES
+            if large:  # work proportional to the request runs off the event loop
+                images = await loop.run_in_executor(self.executor, codec.decode_inputs,
+                                                    request, mv)  # fmt: skip
+            else:
+                images = codec.decode_inputs(request, mv)
             logits, timing = await mv.batcher.submit(images, deadline)
-            response = codec.encode_response(request, mv, outputs, logits)
+            if large or logits.size > INLINE_BYTES // 4:
+                response = await loop.run_in_executor(
+                    self.executor, codec.answer, request, mv, outputs, logits
+                )
+            else:
+                response = codec.answer(request, mv, outputs, logits)
         except BaseException:
             self.metrics.request_failed(
                 mv.name, mv.version, total_ns=time.perf_counter_ns() - start

@@ -8,11 +8,13 @@ latency and batch size.
 from __future__ import annotations
 
 import copy
+import hmac
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 
@@ -136,20 +138,77 @@ class Metrics:
         for name, help_text, value in _TRITON_COUNTERS:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
             for (model, version), stats in sorted(snapshot.items()):
-                lines.append(f'{name}{{model="{model}",version="{version}"}} {value(stats)}')
+                lines.append(f"{name}{_labels(model, version)} {value(stats)}")
         depths = sorted(self._depths().items())
         for name, help_text, k in _QUEUE_GAUGES:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
             for (model, version), values in depths:
-                lines.append(f'{name}{{model="{model}",version="{version}"}} {values[k]}')
+                lines.append(f"{name}{_labels(model, version)} {values[k]}")
         return ("\n".join(lines) + "\n").encode() + generate_latest(self.registry)
 
 
-def start_metrics_server(metrics: Metrics, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve GET /metrics in a daemon thread; returns the server (its port may be 0 -> any)."""
+def _escape(value: str) -> str:
+    """A label value in the Prometheus text format: backslash, quote and newline escaped
+    (a model folder may be named with any of them)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(model: str, version: int) -> str:
+    return f'{{model="{_escape(model)}",version="{version}"}}'
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """At most `max_connections` connections served at once (more are closed at once), each
+    with a socket timeout, so half-open connections cannot pile up threads."""
+
+    daemon_threads = True
+    max_connections = 16
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        super().__init__(address, handler)
+
+    serving = False
+
+    def shutdown_and_close(self) -> None:
+        """Stop serving (if it started) and release the port."""
+        if self.serving:
+            self.shutdown()
+        self.server_close()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def bind_metrics_server(
+    metrics: Metrics, host: str, port: int, token: str | None = None, timeout_s: float = 10.0
+) -> MetricsServer:
+    """Bind GET /metrics (port 0: any free port), not yet serving: `serve_in_thread` starts
+    it. With `token`, a scrape needs `Authorization: Bearer <token>` like the gRPC port."""
+    expected = f"Bearer {token}".encode() if token else None
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = timeout_s  # a connection that sends nothing is closed after this
+
         def do_GET(self) -> None:
+            if expected is not None:
+                given = (self.headers.get("Authorization") or "").encode()
+                if not hmac.compare_digest(given, expected):
+                    self.send_error(401, "missing or invalid bearer token")
+                    return
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404)
                 return
@@ -163,6 +222,9 @@ def start_metrics_server(metrics: Metrics, host: str, port: int) -> ThreadingHTT
         def log_message(self, *args: object) -> None:
             return
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    return MetricsServer((host, port), Handler)
+
+
+def serve_in_thread(server: MetricsServer) -> None:
+    server.serving = True
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
-    return server

@@ -41,6 +41,8 @@ def pick_engine(folder: Path, capability: tuple[int, int], trt_version: str) -> 
     found = {}
     others = []
     for path in folder.glob("*.plan"):
+        if not path.resolve().is_relative_to(folder.resolve()):
+            continue  # an engine must lie in its version folder, not be linked from elsewhere
         info = parse_engine_name(path.name)
         if info and info["sm"] == wanted and info["trt"] == trt_version:
             found[info["precision"]] = path
