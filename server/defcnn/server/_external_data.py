@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from defcnn.server.errors import InvalidArgument
+from defcnn.server.wire import Malformed as _Malformed
+from defcnn.server.wire import fields as _fields
 
 # ModelProto.graph, ModelProto.functions
 _MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
@@ -31,47 +33,6 @@ _SPARSE_VALUES, _SPARSE_INDICES = 1, 2
 _TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 8, 13, 14, 1
 # StringStringEntryProto.key, .value
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
-
-
-class _Malformed(ValueError):
-    pass
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise _Malformed("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:
-    """(field number, value) of one message: ints for varints, views for length-delimited
-    fields; fixed-width fields are skipped (none of the fields read here has one)."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-            yield number, value
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            if pos + size > len(buf):
-                raise _Malformed("truncated field")
-            yield number, buf[pos : pos + size]
-            pos += size
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        else:
-            raise _Malformed(f"unsupported wire type {wire}")
-    if pos != len(buf):
-        raise _Malformed("truncated fixed-width field")
 
 
 def _children(buf: memoryview, numbers: tuple[int, ...]) -> Iterator[memoryview]:

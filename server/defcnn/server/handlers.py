@@ -4,8 +4,10 @@ loop or before any check: receiving, parsing and serializing messages.
 - Each unary method is registered as client-streaming at the wire (the client sees no
   difference), so that its body is read only after the call has reserved room for it in
   the server's byte budget (`inflight.ByteBudget`), within a time limit.
-- Messages arrive as bytes; parsing and serializing a message larger than
-  `INLINE_BYTES` happens in a worker thread, so no request can hold the event loop for a
+- Messages arrive as bytes. Only inference requests may be larger than `INLINE_BYTES`;
+  a large one has its fields counted before it is parsed (`wire`: parsing holds the GIL,
+  so a message built to be slow to parse would stall every thread), then is parsed in a
+  worker thread, as large responses are serialized: no request holds the event loop for a
   time proportional to its size.
 - Bytes that are not a valid request message get INVALID_ARGUMENT with a plain message.
 - RPCs the servicer does not implement (model load/unload, shared memory, trace, log
@@ -38,6 +40,7 @@ from defcnn.server.errors import (
     status_of,
 )
 from defcnn.server.inflight import ByteBudget
+from defcnn.server.wire import check_infer_request
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 INLINE_BYTES = 64 * 1024  # parsed or serialized on the event loop up to this size
@@ -56,10 +59,17 @@ class Intake:
     wait_timeout_s: float = 30.0
 
     async def parse(self, cls: type[M], data: bytes) -> M:
+        """The message in `data`. Only an inference request may be larger than
+        INLINE_BYTES; a large one has its fields counted first (`wire`), then is parsed in
+        a worker thread."""
         if len(data) <= INLINE_BYTES:
             return _parse(cls, data)
+        if cls is not pb.ModelInferRequest:
+            raise InvalidArgument(
+                f"a {cls.DESCRIPTOR.full_name} of {len(data)} bytes; at most {INLINE_BYTES}"
+            )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, _parse, cls, data)
+        return await loop.run_in_executor(self.executor, _checked_parse, cls, data)
 
     async def serialize(self, message: Message) -> bytes:
         if message.ByteSize() <= INLINE_BYTES:
@@ -91,6 +101,11 @@ class Intake:
             raise
         finally:
             timer.cancel()
+
+
+def _checked_parse(cls: type[M], data: bytes) -> M:
+    check_infer_request(data)
+    return _parse(cls, data)
 
 
 def _parse(cls: type[M], data: bytes) -> M:

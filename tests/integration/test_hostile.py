@@ -1,0 +1,347 @@
+"""Hostile repositories, hostile requests and first-time operators, against the real server.
+
+Each test stands for a family: a bad file of any kind inside one model's folder, any link
+out of it, any request field that multiplies work, any caller without a token, any probe
+stream, any half-open connection, any odd flag value, any signal during start-up or drain.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from defcnn.protos import grpc_service_pb2 as pb
+
+from .conftest import start_server
+from .test_server import images, infer_request, logits_of
+
+SERVE = [sys.executable, "-m", "defcnn", "serve"]
+
+
+def _copy(repo, root: Path, name: str) -> Path:
+    """A copy of the healthy `digits` model under `name`; returns its folder."""
+    shutil.copytree(repo.root / "digits", root / name)
+    return root / name
+
+
+def _index(srv) -> dict[str, list[pb.RepositoryIndexResponse.ModelIndex]]:
+    found: dict[str, list] = {}
+    for m in srv.stub().RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models:
+        found.setdefault(m.name, []).append(m)
+    return found
+
+
+def _serves(srv, repo, name: str) -> None:
+    x = images(2)
+    response = srv.stub().ModelInfer(infer_request(x, model=name), timeout=20)
+    assert np.allclose(logits_of(response), repo.reference(x), atol=1e-4), name
+
+
+def _log(srv) -> str:
+    return srv.server.log.read_text(errors="replace")
+
+
+# --- 1 and 5: anything inside one model's folder affects that model only ---------------------
+
+
+def _hostile_repository(repo, root: Path, outside: Path) -> dict[str, str]:
+    """One healthy model and many broken ones; returns name -> words its reason holds."""
+    outside.mkdir()
+    (outside / "secret.txt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    _copy(repo, root, "good")
+    expect = {}
+
+    def broken(name: str, words: str) -> Path:
+        expect[name] = words
+        return _copy(repo, root, name)
+
+    (broken("labels-latin1", "not UTF-8") / "labels.txt").write_bytes(b"caf\xe9\n" * 10)
+    (broken("labels-folder", "not a regular file") / "labels.txt").unlink()
+    (root / "labels-folder" / "labels.txt").mkdir()
+    big = broken("labels-huge", "over the limit") / "labels.txt"
+    with open(big, "wb") as fh:
+        fh.truncate(17 << 20)  # sparse: no disk used
+    (broken("labels-passwd", "resolves outside") / "labels.txt").unlink()
+    (root / "labels-passwd" / "labels.txt").symlink_to("/etc/passwd")
+    (broken("labels-dotdot", "resolves outside") / "labels.txt").unlink()
+    (root / "labels-dotdot" / "labels.txt").symlink_to("../../outside/secret.txt")
+    config = broken("config-binary", "not UTF-8") / "config.pbtxt"
+    config.write_bytes(b"\xff\xfe\x00garbage")
+    (broken("config-garbage", "does not parse") / "config.pbtxt").write_text("name: [[[")
+    fifo = broken("config-fifo", "not a regular file") / "config.pbtxt"
+    fifo.unlink()
+    os.mkfifo(fifo)  # reading it would block the start for ever
+    (broken("config-outside", "resolves outside") / "config.pbtxt").unlink()
+    shutil.copy(repo.root / "digits" / "config.pbtxt", outside / "config.pbtxt")
+    (root / "config-outside" / "config.pbtxt").symlink_to(outside / "config.pbtxt")
+    dims = broken("config-dims", "positive sizes") / "config.pbtxt"
+    dims.write_text(re.sub(r"dims: \d+", "dims: -3", dims.read_text(), count=1))
+    model = broken("onnx-fifo", "not a regular file") / "1" / "model.onnx"
+    model.unlink()
+    os.mkfifo(model)
+    shutil.copytree(repo.root / "digits" / "1", outside / "1")
+    onnx_link = broken("onnx-outside", "resolves outside") / "1" / "model.onnx"
+    onnx_link.unlink()
+    onnx_link.symlink_to(outside / "1" / "model.onnx")
+    shutil.rmtree(broken("version-outside", "resolves outside") / "1")
+    (root / "version-outside" / "1").symlink_to(outside / "1")
+    (root / "model-outside").symlink_to(_copy(repo, outside, "linked-model"))
+    expect["model-outside"] = "resolves outside"
+    # Not versions at all: left alone, while the real version 1 serves.
+    odd = _copy(repo, root, "odd-versions")
+    for name in ("²", "٣", "01", "1" * 25, "v2", "-1"):
+        shutil.copytree(odd / "1", odd / name)
+    # Inside the folder, links are fine.
+    inner = _copy(repo, root, "inner-link")
+    (inner / "labels.txt").rename(inner / "names.txt")
+    (inner / "labels.txt").symlink_to("names.txt")
+    os.mkdir(os.fsencode(root) + b"/bad-\xff-name")  # not UTF-8: cannot be named, skipped
+    return expect
+
+
+def test_a_hostile_repository_leaves_only_its_bad_models_not_ready(repo, tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    expect = _hostile_repository(repo, root, tmp_path / "outside")
+    srv = start_server(root)
+    try:
+        index = _index(srv)
+        for name in ("good", "odd-versions", "inner-link"):
+            assert [(m.version, m.state) for m in index[name]] == [("1", "READY")], name
+            _serves(srv, repo, name)
+        for name, words in expect.items():
+            states = {m.state for m in index[name]}
+            assert states == {"UNAVAILABLE"}, (name, index[name])
+            reason = index[name][0].reason
+            assert words in reason, (name, reason)
+            assert str(tmp_path) not in reason and "/etc/passwd" not in reason, reason
+            with pytest.raises(grpc.RpcError) as exc:
+                srv.stub().ModelInfer(infer_request(images(1), model=name), timeout=10)
+            assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+            assert str(tmp_path) not in exc.value.details()
+        assert not any(name.startswith("bad-") for name in index)
+        answer = (
+            srv.stub().ModelInfer(_classify(images(1), "good"), timeout=10).raw_output_contents[0]
+        )
+        assert b"root:" not in answer
+        assert "Traceback" not in _log(srv)
+    finally:
+        assert srv.stop() == 0
+
+
+def _classify(x: np.ndarray, model: str) -> pb.ModelInferRequest:
+    request = infer_request(x, model=model)
+    request.outputs.add(name="logits").parameters["classification"].int64_param = 10
+    return request
+
+
+# --- 2 and 8: requests that multiply work, and answers that are not numbers -----------------
+
+
+def test_repeated_outputs_and_inputs_are_refused_at_once(server) -> None:
+    stub = server.stub()
+    request = _classify(images(1), "digits")
+    for _ in range(10_000):
+        request.outputs.add(name="logits").parameters["classification"].int64_param = 10
+    assert request.ByteSize() < 2 << 20
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ModelInfer(request, timeout=30)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "each may be named once" in exc.value.details()
+    request = infer_request(images(1))
+    for _ in range(10_000):
+        request.inputs.add().CopyFrom(request.inputs[0])
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ModelInfer(request, timeout=30)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the request has 10001" in exc.value.details()
+
+
+def _entry(field: int, body: bytes) -> bytes:
+    """One length-delimited field (bodies here are under 128 bytes)."""
+    return bytes([field << 3 | 2, len(body)]) + body
+
+
+def _slow_to_parse(kind: str) -> bytes:
+    """About 60 MiB built to cost seconds of parsing: millions of map entries (distinct
+    keys) or of sub-messages, at the top or inside one tensor."""
+    head = pb.ModelInferRequest(model_name="digits").SerializeToString()
+    value = _entry(2, b"\x10\x01")  # InferParameter{int64_param: 1}
+    params = (_entry(1, b"%08d" % i) + value for i in range(4_000_000))
+    if kind == "parameters":
+        return head + b"".join(_entry(4, e) for e in params)
+    if kind == "output parameters":
+        body = _entry(1, b"logits") + b"".join(_entry(2, e) for e in params)
+        return head + bytes([6 << 3 | 2]) + _varint(len(body)) + body
+    return head + _entry(6, _entry(1, b"logits")) * 6_000_000  # "outputs"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+@pytest.mark.parametrize("kind", ["parameters", "output parameters", "outputs"])
+def test_a_request_built_to_be_slow_to_parse_does_not_hold_other_callers(server, kind) -> None:
+    payload = _slow_to_parse(kind)
+    assert len(payload) < 64 << 20
+    channel = grpc.insecure_channel(
+        server.address, options=[("grpc.max_send_message_length", 64 << 20)]
+    )
+    call = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=None, response_deserializer=None,
+    )  # fmt: skip
+    outcome: list[grpc.RpcError] = []
+
+    def send() -> None:
+        try:
+            call(payload, timeout=120)
+        except grpc.RpcError as exc:
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    stub = server.stub()
+    slowest = 0.0
+    while sender.is_alive():
+        start = time.monotonic()
+        stub.ServerLive(pb.ServerLiveRequest(), timeout=30)
+        slowest = max(slowest, time.monotonic() - start)
+        time.sleep(0.02)
+    sender.join()
+    assert outcome and outcome[0].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than" in outcome[0].details()
+    # Parsing 60 MiB of these holds the GIL for 0.5 to 2 s on these CPUs: a stall of a
+    # quarter of a second means it was parsed; honest ServerLive calls take milliseconds.
+    assert slowest < 0.25, f"a ServerLive took {slowest:.2f} s while a request was parsed"
+
+
+def test_other_requests_than_inference_are_small_or_refused(server) -> None:
+    call = grpc.insecure_channel(server.address).unary_unary(
+        "/inference.GRPCInferenceService/ModelMetadata",
+        request_serializer=None, response_deserializer=None,
+    )  # fmt: skip
+    with pytest.raises(grpc.RpcError) as exc:
+        call(_entry(1, b"digits") + b"\x78\x01" * 2_000_000, timeout=30)  # unknown fields
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 65536" in exc.value.details()
+
+
+def test_an_answer_holding_nan_or_inf_is_an_error(server) -> None:
+    huge = np.full((2, 3, 32, 32), 3e38, np.float32)  # finite, but float32 overflows inside
+    huge[1] = -3e38
+    with pytest.raises(grpc.RpcError) as exc:
+        server.stub().ModelInfer(infer_request(huge), timeout=20)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN or Inf" in exc.value.details()
+    answers = list(server.stub().ModelStreamInfer(iter([infer_request(huge)]), timeout=20))
+    assert "NaN or Inf" in answers[0].error_message
+    assert not answers[0].infer_response.raw_output_contents
+
+
+# --- 6: operations --------------------------------------------------------------------------
+
+
+def _serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SERVE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--port", "-5"], "a port is 0 to 65535"),
+        (["--port", "70000"], "a port is 0 to 65535"),
+        (["--metrics-port", "-2"], "a port is 0 to 65535"),
+        (["--threads", "-2"], "--threads must be >= 0"),
+        (["--max-queue-delay-us", "-1"], "--max-queue-delay-us must be >= 0"),
+        (["--max-inflight-mb", "0"], "--max-inflight-mb must be >= 1"),
+        (["--host", "no-such-host.invalid"], "cannot bind no-such-host.invalid"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_with_exit_2(repo, flags: list[str], words: str) -> None:
+    done = _serve("--model-repo", str(repo.root), "--port", "0", "--metrics-port", "-1", *flags)
+    assert done.returncode == 2, done.stderr
+    assert words in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_taken_port_is_a_one_line_error_before_any_model_loads(repo) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flags in (
+            ["--port", port, "--metrics-port", "-1"],
+            ["--port", "0", "--metrics-port", port],
+        ):
+            done = _serve("--model-repo", str(repo.root), *flags)
+            assert done.returncode == 2, done.stderr
+            assert "cannot bind" in done.stderr and "Traceback" not in done.stderr
+            assert "ready on" not in done.stderr  # refused before loading, not after
+
+
+def test_a_model_folder_given_as_the_repository_gets_a_hint(repo) -> None:
+    done = _serve("--model-repo", str(repo.root / "digits"), "--port", "0")
+    assert done.returncode == 2
+    assert "one model's folder" in done.stderr and "folder above it" in done.stderr
+
+
+def test_debug_logging_serves_and_stays_readable(repo) -> None:
+    srv = start_server(repo.root, "--log-level", "debug")
+    try:
+        _serves(srv, repo, "digits")
+        for _ in range(20):
+            srv.stub().ServerLive(pb.ServerLiveRequest(), timeout=10)
+    finally:
+        assert srv.stop() == 0
+    log = _log(srv)
+    assert "level=DEBUG logger=defcnn" in log or "level=INFO" in log
+    assert "Traceback" not in log
+    assert "Loaded running loop" not in log  # gRPC's per-call debug lines stay out
+
+
+def _versioned(version: str) -> pb.ModelInferRequest:
+    request = infer_request(images(1))
+    request.model_version = version
+    return request
+
+
+def test_unsupported_rpcs_and_odd_versions_answer_quietly(server) -> None:
+    stub = server.stub()
+    calls = [
+        (lambda: stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="digits")),
+         grpc.StatusCode.UNIMPLEMENTED),
+        (lambda: stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()),
+         grpc.StatusCode.UNIMPLEMENTED),
+        (lambda: stub.TraceSetting(pb.TraceSettingRequest()), grpc.StatusCode.UNIMPLEMENTED),
+        (lambda: stub.LogSettings(pb.LogSettingsRequest()), grpc.StatusCode.UNIMPLEMENTED),
+    ]  # fmt: skip
+    for version in ("²", "٣", "01", "-1", "1.0", " 1", "1" * 30, "0x1", "１"):
+        calls += [
+            (lambda v=version: stub.ModelInfer(_versioned(v)), grpc.StatusCode.NOT_FOUND),
+            (lambda v=version: stub.ModelMetadata(
+                pb.ModelMetadataRequest(name="digits", version=v)),
+             grpc.StatusCode.NOT_FOUND),
+        ]  # fmt: skip
+    before = _log(server)
+    for call, code in calls:
+        with pytest.raises(grpc.RpcError) as exc:
+            call()
+        assert exc.value.code() == code, exc.value.details()
+        assert "Error" not in exc.value.details()  # no Python exception names
+    assert "Traceback" not in _log(server)[len(before) :]
