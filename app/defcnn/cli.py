@@ -303,7 +303,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-inflight-mb", type=int, default=256,
         help="request bytes held at once, over every caller: a call reserves "
-        "--max-message-mb before its body is read (at least one message's worth)",
+        "--max-message-mb before its body is read (never less than 4 messages' worth)",
     )  # fmt: skip
     p.add_argument(
         "--threads",

@@ -345,3 +345,112 @@ def test_unsupported_rpcs_and_odd_versions_answer_quietly(server) -> None:
         assert exc.value.code() == code, exc.value.details()
         assert "Error" not in exc.value.details()  # no Python exception names
     assert "Traceback" not in _log(server)[len(before) :]
+
+
+# --- 3: callers without a token, and bursts of large requests --------------------------------
+
+
+def _memory_mib(pid: int) -> tuple[float, float]:
+    """(RSS now, peak RSS since the last reset) of a process, in MiB."""
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
+
+def _reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux 4.0+)
+
+
+def _burst(address: str, payload: bytes, calls: int, token: str | None) -> list[grpc.StatusCode]:
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    codes: list[grpc.StatusCode] = []
+
+    def one() -> None:
+        channel = grpc.insecure_channel(
+            address, options=[("grpc.max_send_message_length", 64 << 20)]
+        )
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=None, response_deserializer=None,
+        )  # fmt: skip
+        try:
+            call(payload, timeout=120, metadata=metadata)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+        channel.close()
+
+    threads = [threading.Thread(target=one) for _ in range(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return codes
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_bursts_of_large_requests_are_bounded_and_memory_comes_back(repo, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    srv = start_server(repo.root, "--auth-token-file", str(token_file), "--max-inflight-mb", "128")
+    try:
+        big = infer_request(np.zeros((5000, 3, 32, 32), np.float32)).SerializeToString()  # 59 MiB
+        baseline, _ = _memory_mib(srv.proc.pid)
+        _reset_peak(srv.proc.pid)
+        codes = _burst(srv.address, big, 32, token=None)
+        assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+        _, peak = _memory_mib(srv.proc.pid)
+        assert peak - baseline < 200, f"32 refused calls took the server to {peak:.0f} MiB"
+
+        _reset_peak(srv.proc.pid)
+        codes = _burst(srv.address, big, 32, token="s3cret")
+        assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # 5000 images > max batch 16
+        _, peak = _memory_mib(srv.proc.pid)
+        # Unbounded, 32 such calls held 3.5 GiB at once; 128 MiB of requests and their
+        # copies (transport buffers, the bytes, the parsed message) stay well under 1.2.
+        assert peak - baseline < 1200, f"peak {peak:.0f} MiB from a baseline of {baseline:.0f}"
+        deadline = time.monotonic() + 10
+        while (
+            now := _memory_mib(srv.proc.pid)[0]
+        ) - baseline > 100 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert now - baseline < 100, f"RSS {now:.0f} MiB after the burst, {baseline:.0f} before"
+        _serves_with_token(srv, repo, "s3cret")
+    finally:
+        assert srv.stop() == 0
+
+
+def _serves_with_token(srv, repo, token: str) -> None:
+    x = images(2)
+    response = srv.stub().ModelInfer(
+        infer_request(x), timeout=20, metadata=[("authorization", f"Bearer {token}")]
+    )
+    assert np.allclose(logits_of(response), repo.reference(x), atol=1e-4)
+
+
+def test_a_caller_that_stalls_before_its_body_is_cut_off(server, repo) -> None:
+    """A client that opens a call and sends no message: others are served meanwhile, and
+    its reservation is given back at the read limit."""
+    channel = grpc.insecure_channel(server.address)
+    stalled = channel.stream_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=None, response_deserializer=None,
+    )  # fmt: skip
+    release = threading.Event()
+
+    def body():
+        release.wait(60)
+        yield b""
+
+    future = stalled.future(body(), timeout=60)
+    try:
+        time.sleep(0.5)
+        for _ in range(3):
+            _serves(server, repo, "digits")
+        with pytest.raises(grpc.RpcError) as exc:
+            future.result(timeout=40)
+        assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "not received within" in exc.value.details()
+    finally:
+        release.set()

@@ -41,6 +41,7 @@ from defcnn.server.statistics import (
 )
 
 log = logging.getLogger("defcnn.server")
+MIN_READERS = 4  # the byte budget always lets this many of the largest messages in
 SAME_SIGNAL_S = 0.2  # a second signal sooner than this is the first one delivered twice
 SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -98,6 +99,10 @@ _CONNECTION_OPTIONS = [
     ("grpc.server_handshake_timeout_ms", 10_000),
     ("grpc.max_concurrent_streams", 1_000),
     ("grpc.so_reuseport", 0),
+    # A stream's window stays at the lookahead until its handler asks for the message, so
+    # a body the server has not reserved room for waits in the client, not in our memory.
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 65536),
 ]
 
 
@@ -116,7 +121,11 @@ class InferenceServer:
         self.metrics.watch_queues(self.repository.queue_depths)
         self.servicer = InferenceServicer(self.repository, self.metrics, self.codec_executor)
         self.health = BoundedHealth(("", SERVICE))
-        self.budget = ByteBudget(max(settings.max_inflight_bytes, settings.max_message_bytes))
+        # At least MIN_READERS bodies can be read at once, so that a few callers who stall
+        # mid-body (until the read limit cuts them off) cannot hold up everyone else.
+        self.budget = ByteBudget(
+            max(settings.max_inflight_bytes, MIN_READERS * settings.max_message_bytes)
+        )
         self.arrivals = ArrivalClock()
         self.closing_streams = asyncio.Event()
         self.port = 0

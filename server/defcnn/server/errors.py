@@ -13,6 +13,10 @@ class ServerError(DefcnnError):
     status = grpc.StatusCode.INTERNAL
 
 
+class InternalError(ServerError):
+    """A failure of the server itself; its message never carries details."""
+
+
 class InvalidArgument(ServerError):
     status = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -30,6 +30,7 @@ from google.protobuf.message import DecodeError, Message
 
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
+from defcnn.server import memory
 from defcnn.server.drain import until_set
 from defcnn.server.errors import (
     DeadlineExceeded,
@@ -47,7 +48,7 @@ INLINE_BYTES = 64 * 1024  # parsed or serialized on the event loop up to this si
 M = TypeVar("M", bound=Message)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Intake:
     """How requests come in: the shared byte budget, the largest message, how long a body
     may take to arrive and a call may wait for room, and the threads for large messages."""
@@ -55,8 +56,9 @@ class Intake:
     budget: ByteBudget
     max_message_bytes: int
     executor: Executor
-    read_timeout_s: float = 30.0
+    read_timeout_s: float = 10.0
     wait_timeout_s: float = 30.0
+    released_since_trim: int = 0
 
     async def parse(self, cls: type[M], data: bytes) -> M:
         """The message in `data`. Only an inference request may be larger than
@@ -76,6 +78,15 @@ class Intake:
             return message.SerializeToString()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, message.SerializeToString)
+
+    def release(self, size: int) -> None:
+        """Give back `size` bytes of the budget; once no request is held after large ones,
+        return the freed memory to the operating system (in a worker thread)."""
+        self.budget.release(size)
+        self.released_since_trim += size
+        if self.budget.used == 0 and self.released_since_trim >= memory.TRIM_AFTER_BYTES:
+            self.released_since_trim = 0
+            asyncio.get_running_loop().run_in_executor(self.executor, memory.trim)
 
     @contextlib.contextmanager
     def read_limit(self, what: str) -> Iterator[None]:
@@ -134,23 +145,39 @@ def _unary(
     intake: Intake,
 ) -> Callable[..., Awaitable[bytes]]:
     async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-        reserved = intake.max_message_bytes
-        held = 0
         try:
-            await intake.budget.acquire(reserved, intake.wait_timeout_s)
-            held = reserved
-            data = await _read_one(requests, context, intake)
-            held = intake.budget.shrink(reserved, 2 * len(data))  # the bytes and the message
-            request = await intake.parse(request_cls, data)
-            del data
-            return await intake.serialize(await behaviour(request, context))
+            return await _answer(behaviour, request_cls, intake, requests, context)
         except ServerError as exc:
-            await context.abort(*status_of(exc))
-            raise AssertionError("unreachable") from None
-        finally:
-            intake.budget.release(held)
+            status = status_of(exc)
+        # Aborted here, once the request is gone: gRPC keeps the abort's exception in a
+        # reference cycle with the frames it passed through, and a frame that still held
+        # the request would keep its bytes until the garbage collector found the cycle.
+        await context.abort(*status)
+        raise AssertionError("unreachable")
 
     return handle
+
+
+async def _answer(
+    behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]],
+    request_cls: type[Message],
+    intake: Intake,
+    requests: AsyncIterator[bytes],
+    context: grpc.aio.ServicerContext,
+) -> bytes:
+    """Reserve, read, parse, answer, serialize: the request's bytes count against the
+    budget from before they are read until the answer is ready."""
+    reserved = intake.max_message_bytes
+    await intake.budget.acquire(reserved, intake.wait_timeout_s)
+    held = reserved
+    try:
+        data = await _read_one(requests, context, intake)
+        held = intake.budget.shrink(reserved, 2 * len(data))  # the bytes and the message
+        request = await intake.parse(request_cls, data)
+        del data
+        return await intake.serialize(await behaviour(request, context))
+    finally:
+        intake.release(held)
 
 
 def _unimplemented(name: str) -> Callable[..., Awaitable[bytes]]:
@@ -197,7 +224,7 @@ def _stream(
                         del data
                         yield await intake.serialize(reply)
                     finally:
-                        intake.budget.release(size)
+                        intake.release(size)
             except (Unavailable, ResourceExhausted) as exc:
                 await context.abort(*status_of(exc))
 

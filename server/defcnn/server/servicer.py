@@ -1,6 +1,7 @@
 """GRPCInferenceService: each method converts, delegates, converts back.
 
-Errors are mapped to status codes in one place (`_handled`); RPCs we do not implement
+Errors are raised as `ServerError`s, which the handlers (handlers.py) turn into status
+codes; anything unexpected becomes INTERNAL in `_handled`. RPCs we do not implement
 (shared memory, trace, log settings, model load/unload) keep the generated base class's
 UNIMPLEMENTED answer. ModelStreamInfer is answered one message at a time by
 `stream_message`: the stream itself (drain, undecodable messages) belongs to handlers.py.
@@ -21,7 +22,7 @@ import grpc
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 from defcnn.server import codec
-from defcnn.server.errors import NotFound, ServerError, Unavailable, status_of
+from defcnn.server.errors import InternalError, NotFound, ServerError, Unavailable, status_of
 from defcnn.server.repository import FailedVersion, ModelRepository, ModelVersion
 from defcnn.server.statistics import Duration, Metrics
 
@@ -37,7 +38,8 @@ R = TypeVar("R")
 def _handled(
     method: Callable[..., Awaitable[R]],
 ) -> Callable[..., Awaitable[R]]:
-    """Turn exceptions into status codes: ours keep their message, others become INTERNAL."""
+    """Ours keep their class (the handler maps it to a status code); anything else is
+    logged and becomes INTERNAL, with no details for the caller."""
 
     @functools.wraps(method)
     async def wrapper(
@@ -45,14 +47,11 @@ def _handled(
     ) -> R:
         try:
             return await method(self, request, context)
-        except ServerError as exc:
-            await context.abort(*status_of(exc))
-        except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
+        except ServerError:
+            raise
+        except Exception:
             log.exception("internal error in %s", method.__name__)
-            await context.abort(*status_of(exc))
-        raise AssertionError("unreachable")
+            raise InternalError("internal error (see the server log)") from None
 
     return wrapper
 
