@@ -7,9 +7,13 @@ stream, any half-open connection, any odd flag value, any signal during start-up
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,8 +24,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from defcnn.protos import grpc_service_pb2 as pb
+from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
+from defcnn.server.ready import ReadyFile
 
 from .conftest import start_server
 from .test_server import images, infer_request, logits_of
@@ -148,23 +155,26 @@ def _classify(x: np.ndarray, model: str) -> pb.ModelInferRequest:
 # --- 2 and 8: requests that multiply work, and answers that are not numbers -----------------
 
 
-def test_repeated_outputs_and_inputs_are_refused_at_once(server) -> None:
+@pytest.mark.parametrize(("copies", "words"), [(3, "once"), (10_000, "more than 16")])
+def test_repeated_outputs_and_inputs_are_refused_at_once(server, copies: int, words: str) -> None:
+    """A few copies are refused when read, thousands before the request is even parsed."""
     stub = server.stub()
     request = _classify(images(1), "digits")
-    for _ in range(10_000):
+    for _ in range(copies):
         request.outputs.add(name="logits").parameters["classification"].int64_param = 10
     assert request.ByteSize() < 2 << 20
     with pytest.raises(grpc.RpcError) as exc:
         stub.ModelInfer(request, timeout=30)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "each may be named once" in exc.value.details()
+    assert words in exc.value.details() and "outputs" in exc.value.details()
     request = infer_request(images(1))
-    for _ in range(10_000):
+    for _ in range(copies):
         request.inputs.add().CopyFrom(request.inputs[0])
     with pytest.raises(grpc.RpcError) as exc:
         stub.ModelInfer(request, timeout=30)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "the request has 10001" in exc.value.details()
+    expected = f"the request has {copies + 1}" if copies < 16 else words
+    assert expected in exc.value.details()
 
 
 def _entry(field: int, body: bytes) -> bytes:
@@ -333,9 +343,9 @@ def test_unsupported_rpcs_and_odd_versions_answer_quietly(server) -> None:
     ]  # fmt: skip
     for version in ("²", "٣", "01", "-1", "1.0", " 1", "1" * 30, "0x1", "１"):
         calls += [
-            (lambda v=version: stub.ModelInfer(_versioned(v)), grpc.StatusCode.NOT_FOUND),
-            (lambda v=version: stub.ModelMetadata(
-                pb.ModelMetadataRequest(name="digits", version=v)),
+            (functools.partial(stub.ModelInfer, _versioned(version)), grpc.StatusCode.NOT_FOUND),
+            (functools.partial(stub.ModelMetadata,
+                               pb.ModelMetadataRequest(name="digits", version=version)),
              grpc.StatusCode.NOT_FOUND),
         ]  # fmt: skip
     before = _log(server)
@@ -454,3 +464,216 @@ def test_a_caller_that_stalls_before_its_body_is_cut_off(server, repo) -> None:
         assert "not received within" in exc.value.details()
     finally:
         release.set()
+
+
+# --- 4: the health service, open to all, is bounded and ends at drain -----------------------
+
+
+def test_health_watch_streams_are_bounded_and_end_promptly_at_drain(repo, tmp_path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    srv = start_server(repo.root, "--auth-token-file", str(token_file), "--grace-seconds", "20")
+    channel = grpc.insecure_channel(srv.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="")
+    assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    watches = [health.Watch(request, timeout=60) for _ in range(80)]
+    firsts = []
+    for w in watches:
+        try:
+            firsts.append(next(w).status)
+        except grpc.RpcError as refused:
+            firsts.append(refused.code())
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert firsts.count(serving) == 64
+    assert firsts.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 16
+    unknown = health.Watch(health_pb2.HealthCheckRequest(service="x" * 1000), timeout=60)
+    with pytest.raises(grpc.RpcError) as exc:  # the 65th stream, whatever it asks about
+        next(unknown)
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    open_watches = [w for w, f in zip(watches, firsts, strict=True) if f == serving]
+    start = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    for w in open_watches:
+        assert [r.status for r in w] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    assert srv.proc.wait(timeout=30) == 0
+    assert time.monotonic() - start < 10, "open Watch streams held the drain"
+    assert "Traceback" not in _log(srv)
+
+
+# --- 6: the metrics endpoint ------------------------------------------------------------------
+
+
+def _scrape(port: int | None, token: str | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def test_metrics_escape_any_model_name_and_need_the_token(repo, tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = tmp_path / "repo"
+    odd = 'we"ird\\name\nwith a newline'
+    _copy(repo, root, "plain")
+    _copy(repo, root, odd)
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    srv = start_server(root, "--auth-token-file", str(token_file))
+    try:
+        metadata = [("authorization", "Bearer s3cret")]
+        for name in ("plain", odd):
+            srv.stub().ModelInfer(
+                infer_request(images(1), model=name), timeout=20, metadata=metadata
+            )
+        assert _scrape(srv.metrics_port)[0] == 401
+        assert _scrape(srv.metrics_port, "wrong")[0] == 401
+        code, text = _scrape(srv.metrics_port, "s3cret")
+        assert code == 200
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        success = families["nv_inference_request_success"]
+        assert {s.labels["model"]: s.value for s in success.samples} == {"plain": 1, odd: 1}
+        latency = families["defcnn_request_latency_seconds"]
+        assert {s.labels["model"] for s in latency.samples} == {"plain", odd}
+    finally:
+        assert srv.stop() == 0
+
+
+def _listening_address(port: int | None) -> str:
+    """The local address a TCP port listens on, from /proc/net/tcp (IPv4)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if int(port_hex, 16) == port and state == "0A":  # LISTEN
+            return socket.inet_ntoa(bytes.fromhex(address)[::-1])
+    return ""
+
+
+def test_metrics_stay_on_loopback_unless_asked_and_drop_idle_connections(repo) -> None:
+    srv = start_server(repo.root, "--host", "0.0.0.0")
+    try:
+        assert _listening_address(srv.metrics_port) == "127.0.0.1"
+        idle = [socket.create_connection(("127.0.0.1", srv.metrics_port)) for _ in range(40)]
+        status = Path(f"/proc/{srv.proc.pid}/status").read_text()
+        threads_now = int(status.split("Threads:")[1].split()[0])
+        assert threads_now < 60, f"{threads_now} threads for 40 idle connections"
+        for s in idle:  # the server closes each within its timeout (or at once, over the cap)
+            s.settimeout(30)
+            assert s.recv(1) == b""
+            s.close()
+        assert _scrape(srv.metrics_port)[0] == 200
+    finally:
+        assert srv.stop() == 0
+
+
+# --- 7: signals while loading and while draining --------------------------------------------
+
+
+def _spawn(root: Path, log: Path, *flags: str) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [*SERVE, "--model-repo", str(root), "--port", "0", "--metrics-port", "-1", *flags],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def _wait_for(log: Path, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} not in the log:\n{log.read_text()}"
+        time.sleep(0.02)
+
+
+def test_sigterm_while_models_load_stops_the_loading_and_never_announces_ready(
+    repo, tmp_path: Path
+) -> None:
+    root = tmp_path / "repo"
+    copies = 60
+    for i in range(copies):
+        _copy(repo, root, f"m{i:02d}")
+    log, ready = tmp_path / "serve.log", tmp_path / "ready.json"
+    proc = _spawn(root, log, "--ready-file", str(ready), "--grace-seconds", "30")
+    _wait_for(log, "version 1 ready on")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    assert text.count("version 1 ready on") < copies, "every model loaded after the signal"
+    assert "defcnn serve: ready on" not in text and not ready.exists()
+    assert "stopped while loading models" in text and "Traceback" not in text
+
+
+def test_a_second_signal_ends_a_drain_at_once(repo, tmp_path: Path) -> None:
+    log, ready = tmp_path / "serve.log", tmp_path / "ready.json"
+    proc = _spawn(repo.root, log, "--ready-file", str(ready), "--grace-seconds", "60",
+                  "--drain-quiet-seconds", "60")  # fmt: skip
+    _wait_for(log, "defcnn serve: ready on")
+    address = f"127.0.0.1:{ReadyFile.read(ready).port}"
+    stop = threading.Event()
+
+    def keep_calling() -> None:  # a caller that never goes quiet holds the drain open
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+        while not stop.is_set():
+            with contextlib.suppress(grpc.RpcError):
+                stub.ServerLive(pb.ServerLiveRequest(), timeout=5)
+            time.sleep(0.05)
+
+    caller = threading.Thread(target=keep_calling)
+    caller.start()
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(log, "draining in-flight requests")
+        time.sleep(1.0)
+        assert proc.poll() is None  # still draining: its callers are not quiet
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 128 + signal.SIGINT
+        assert time.monotonic() - start < 5
+    finally:
+        stop.set()
+        caller.join()
+    assert "second SIGINT: exiting now" in log.read_text()
+
+
+def test_callers_that_keep_calling_through_the_drain_never_see_cancelled(repo, launch) -> None:
+    srv = launch.start(repo.root, "--grace-seconds", "3")
+    x = images(1)
+    expected = repo.reference(x)
+    codes: dict[str, int] = {}
+    wrong = []
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            stop = time.monotonic() + 30
+
+            async def caller() -> None:  # closed loop, retrying UNAVAILABLE at once
+                while time.monotonic() < stop and srv.proc.poll() is None:
+                    try:
+                        response = await stub.ModelInfer(infer_request(x), timeout=10)
+                        code = "OK"
+                        if not np.allclose(logits_of(response), expected, atol=1e-4):
+                            wrong.append(response)
+                    except grpc.aio.AioRpcError as exc:
+                        code = exc.code().name
+                        await asyncio.sleep(0.001)
+                    codes[code] = codes.get(code, 0) + 1
+
+            async def terminate() -> None:
+                await asyncio.sleep(1.5)
+                srv.proc.send_signal(signal.SIGTERM)
+
+            await asyncio.gather(terminate(), *(caller() for _ in range(64)))
+
+    asyncio.run(run())
+    assert srv.proc.wait(timeout=30) == 0
+    assert not wrong
+    assert set(codes) == {"OK", "UNAVAILABLE"}, codes

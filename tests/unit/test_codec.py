@@ -3,6 +3,7 @@ each one gives, and a round trip of good requests (raw and typed contents)."""
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -258,5 +259,5 @@ def test_a_non_finite_answer_is_refused_not_returned() -> None:
     for bad in (np.nan, np.inf, -np.inf):
         logits = fine.copy()
         logits[1, 3] = bad
-        _check_refusal(lambda logits=logits: codec.answer(request, MV, outputs, logits),
+        _check_refusal(functools.partial(codec.answer, request, MV, outputs, logits),
                        InvalidArgument, "NaN or Inf")  # fmt: skip

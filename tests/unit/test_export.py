@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -297,3 +298,21 @@ def test_tensorrt_engines_fp32_and_fp16_match_onnx_runtime(
     assert report.tensorrt is not None
     assert {e.precision for e in report.tensorrt} == {"fp32", "fp16"}
     assert all(e.argmax_agreement >= 0.999 for e in report.tensorrt)
+
+
+def test_an_exported_repository_is_readable_by_another_user(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """A Triton container running as non-root reads what we export: under the usual umask,
+    files are 0644 and folders 0755 (temp files and staging folders start as 0600/0700)."""
+    old = os.umask(0o022)
+    try:
+        export(ExportSettings(checkpoint=str(checkpoints["defective"]), repo=str(tmp_path),
+                              name="m", max_batch_size=4))  # fmt: skip
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert Path("m/1") in modes and Path("m/config.pbtxt") in modes
+    for path, mode in modes.items():
+        expected = 0o755 if (tmp_path / path).is_dir() else 0o644
+        assert mode == expected, f"{path}: {oct(mode)}"

@@ -41,6 +41,8 @@ from defcnn.server.statistics import (
 )
 
 log = logging.getLogger("defcnn.server")
+HOLD_S = 0.1  # how long calls are held on each side of the port closing
+FINAL_GRACE_S = 1.0  # of the grace period, kept for the calls in flight as the port closes
 MIN_READERS = 4  # the byte budget always lets this many of the largest messages in
 SAME_SIGNAL_S = 0.2  # a second signal sooner than this is the first one delivered twice
 SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -126,6 +128,7 @@ class InferenceServer:
         self.budget = ByteBudget(
             max(settings.max_inflight_bytes, MIN_READERS * settings.max_message_bytes)
         )
+        self.intake = Intake(self.budget, settings.max_message_bytes, self.codec_executor)
         self.arrivals = ArrivalClock()
         self.closing_streams = asyncio.Event()
         self.port = 0
@@ -151,8 +154,7 @@ class InferenceServer:
                 *_CONNECTION_OPTIONS,
             ],
         )
-        intake = Intake(self.budget, s.max_message_bytes, self.codec_executor)
-        add_inference_service(self.servicer, server, self.closing_streams, intake)
+        add_inference_service(self.servicer, server, self.closing_streams, self.intake)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -204,8 +206,22 @@ class InferenceServer:
             log.warning("drain: queued requests still running after %.1fs", self.settings.grace_s)
         self.closing_streams.set()  # idle streams end with UNAVAILABLE, not CANCELLED at grace
         if self._server is not None:
-            await self.arrivals.quiet(self.settings.drain_quiet_s, deadline)
-            await self._server.stop(max(0.0, deadline - time.monotonic()))
+            # Callers that never go quiet must not use up the grace: the last part of it is
+            # kept for the calls in flight when the port closes, which gRPC would otherwise
+            # cancel at once (their callers would see CANCELLED instead of our UNAVAILABLE).
+            keep = min(FINAL_GRACE_S, self.settings.grace_s / 2)
+            await self.arrivals.quiet(self.settings.drain_quiet_s, deadline - keep)
+            # gRPC cancels the calls that reached it but no handler yet when the port closes.
+            # So callers are first held on calls a handler has (a closed-loop caller then
+            # sends nothing new), the port closes, and only then are they answered.
+            self.intake.hold()
+            await asyncio.sleep(min(HOLD_S, keep / 4))
+            closing = asyncio.ensure_future(
+                self._server.stop(max(0.0, deadline - time.monotonic()))
+            )
+            await asyncio.sleep(min(HOLD_S, keep / 4))
+            self.intake.let_go()
+            await closing
         if self._metrics_server is not None:
             self._metrics_server.shutdown_and_close()
         self.executor.shutdown(wait=True)

@@ -59,6 +59,18 @@ class Intake:
     read_timeout_s: float = 10.0
     wait_timeout_s: float = 30.0
     released_since_trim: int = 0
+    held: asyncio.Event | None = None
+
+    def hold(self) -> None:
+        """From now on, calls wait before they are answered, until `release`: while the
+        port closes, callers are kept waiting on a call we answer, not sending new ones
+        that gRPC would cancel."""
+        self.held = asyncio.Event()
+
+    def let_go(self) -> None:
+        """Answer the held calls (and every later one) at once."""
+        if self.held is not None:
+            self.held.set()
 
     async def parse(self, cls: type[M], data: bytes) -> M:
         """The message in `data`. Only an inference request may be larger than
@@ -145,6 +157,8 @@ def _unary(
     intake: Intake,
 ) -> Callable[..., Awaitable[bytes]]:
     async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        if intake.held is not None:
+            await intake.held.wait()
         try:
             return await _answer(behaviour, request_cls, intake, requests, context)
         except ServerError as exc:
