@@ -123,13 +123,14 @@ class InferenceServer:
         self.metrics.watch_queues(self.repository.queue_depths)
         self.servicer = InferenceServicer(self.repository, self.metrics, self.codec_executor)
         self.health = BoundedHealth(("", SERVICE))
-        # At least MIN_READERS bodies can be read at once, so that a few callers who stall
-        # mid-body (until the read limit cuts them off) cannot hold up everyone else.
-        self.budget = ByteBudget(
-            max(settings.max_inflight_bytes, MIN_READERS * settings.max_message_bytes)
-        )
-        self.intake = Intake(self.budget, settings.max_message_bytes, self.codec_executor)
+        # Sized in `start`, from the largest request a model takes: at least MIN_READERS
+        # of those can be read at once, so that a few callers who stall mid-body (until
+        # the read limit cuts them off) cannot hold up everyone else.
+        self.budget = ByteBudget(settings.max_inflight_bytes)
         self.arrivals = ArrivalClock()
+        self.intake = Intake(
+            self.budget, settings.max_message_bytes, self.codec_executor, arrivals=self.arrivals
+        )
         self.closing_streams = asyncio.Event()
         self.port = 0
         self.metrics_port = 0
@@ -143,13 +144,18 @@ class InferenceServer:
         check_repository(Path(s.model_repo))
         token = load_token(s.auth_token_file)
         credentials = _credentials(s)
-        interceptors: list[grpc.aio.ServerInterceptor] = [self.arrivals]
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if token:
             interceptors.append(BearerTokenInterceptor(token))
+        # Requests larger than any model takes are refused by gRPC from their length prefix,
+        # before their bodies arrive; every call reserves this much before its body is read.
+        receive = self.repository.largest_request()
+        self.intake.max_message_bytes = receive
+        self.budget.limit = max(s.max_inflight_bytes, MIN_READERS * receive)
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_receive_message_length", receive),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 *_CONNECTION_OPTIONS,
             ],

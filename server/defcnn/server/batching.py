@@ -99,9 +99,26 @@ class DynamicBatcher:
         if len(self._queue) >= self.max_queue:
             raise ResourceExhausted(f"queue full ({self.max_queue} requests); retry later")
         pending = _Pending(images, asyncio.get_running_loop().create_future(), deadline)
+        if self.max_delay_s == 0 and self.idle and self._task is not None:
+            return await self._run_now(pending)
         self._queue.append(pending)
         self.max_depth = max(self.max_depth, len(self._queue))
         self._wakeup.set()
+        return await pending.future
+
+    async def _run_now(self, pending: _Pending) -> tuple[np.ndarray, Timing]:
+        """Nothing queued, nothing running and no window to wait for company: run this
+        request at once, without the round trip through the worker task (a caller alone
+        gains a loop iteration). The worker waits for it like for any batch."""
+        if pending.deadline is not None and pending.deadline <= time.monotonic():
+            raise DeadlineExceeded("deadline expired while queued")
+        self._busy = True
+        try:
+            await self._execute([pending])
+        finally:
+            self._busy = False
+            if self._queue:
+                self._wakeup.set()
         return await pending.future
 
     async def close(self) -> None:
@@ -120,6 +137,10 @@ class DynamicBatcher:
     async def _loop(self) -> None:
         while True:
             if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self._busy:  # a request run at once by `submit`: batches go one at a time
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue

@@ -1,39 +1,34 @@
-"""What a draining server needs from gRPC: when calls last arrived, so it keeps its listener
-open until callers are quiet and callers racing the shutdown get a clear UNAVAILABLE; and a
-way to end open streams that are only waiting for their next message.
+"""What a draining server needs: when calls last arrived, so it keeps its port open until
+callers are quiet (they get a clear UNAVAILABLE meanwhile); and a way to end open streams
+that are only waiting for their next message.
 
-gRPC cancels calls that reached the transport but were not yet handed to a handler when
-`server.stop` runs: the client sees CANCELLED, not UNAVAILABLE (grpc/grpc#41785). Until then,
-every call is handed to the servicer, which refuses it with UNAVAILABLE while draining.
+gRPC cancels the calls that have reached its transport but no handler yet when the port
+closes: their callers see CANCELLED, not UNAVAILABLE. Callers that never go quiet are
+therefore held on calls a handler already has while the port closes (`Intake.hold` in
+handlers.py), and answered once it is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TypeVar
-
-import grpc
 
 from defcnn.server.errors import Unavailable
 
 T = TypeVar("T")
 
 
-class ArrivalClock(grpc.aio.ServerInterceptor):
-    """Records the time of the most recent call, whatever its method."""
+class ArrivalClock:
+    """Records the time of the most recent call of the inference service (its handlers
+    call `arrived`: an interceptor would cost every call an extra coroutine)."""
 
     def __init__(self) -> None:
         self.last_arrival = time.monotonic()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    def arrived(self) -> None:
         self.last_arrival = time.monotonic()
-        return await continuation(details)
 
     async def quiet(self, quiet_s: float, deadline: float) -> None:
         """Return once no call has arrived for `quiet_s` seconds, or at `deadline`."""

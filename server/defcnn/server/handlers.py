@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError, Message
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 from defcnn.server import memory
-from defcnn.server.drain import until_set
+from defcnn.server.drain import ArrivalClock, until_set
 from defcnn.server.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -60,6 +60,7 @@ class Intake:
     wait_timeout_s: float = 30.0
     released_since_trim: int = 0
     held: asyncio.Event | None = None
+    arrivals: ArrivalClock = field(default_factory=ArrivalClock)
 
     def hold(self) -> None:
         """From now on, calls wait before they are answered, until `release`: while the
@@ -157,6 +158,7 @@ def _unary(
     intake: Intake,
 ) -> Callable[..., Awaitable[bytes]]:
     async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        intake.arrivals.arrived()
         if intake.held is not None:
             await intake.held.wait()
         try:
@@ -226,6 +228,7 @@ def _stream(
         async with streams:
             try:
                 async for data in until_set(closing, aiter(requests)):
+                    intake.arrivals.arrived()
                     size = min(2 * len(data), intake.budget.limit)
                     await intake.budget.acquire(size, intake.wait_timeout_s)
                     try:

@@ -74,6 +74,14 @@ def parse_config(text: str) -> model_config_pb2.ModelConfig:
     return config
 
 
+REQUEST_SLACK = 64 * 1024  # names, shapes and parameters beside a full batch's pixels
+
+
+def request_bytes(max_batch_size: int, input_dims: tuple[int, ...]) -> int:
+    """The largest request a model version takes: a full batch of FP32 images."""
+    return max_batch_size * int(np.prod(input_dims)) * 4 + REQUEST_SLACK
+
+
 def check_repository(root: Path) -> None:
     """Refuse, before anything binds, a repository path that is no folder or is one
     model's folder (a common slip: it would serve nothing)."""
@@ -209,7 +217,7 @@ class ModelRepository:
             )
         num_classes = output_dims[0]
         max_batch_size = self.options.max_batch_size or cfg.max_batch_size or 1
-        needed = max_batch_size * int(np.prod(input_dims)) * 4 + 64 * 1024
+        needed = request_bytes(max_batch_size, input_dims)
         if needed > self.max_message_bytes:
             raise InvalidArgument(
                 f"a full batch of {max_batch_size} needs {needed / 2**20:.1f} MiB messages; "
@@ -239,6 +247,26 @@ class ModelRepository:
         return ModelVersion(
             name, version, cfg, labels, input_dims, num_classes, max_batch_size, backend, batcher
         )
+
+    def largest_request(self) -> int:
+        """The largest request any model here takes, from the config files alone (read
+        before any model loads, to size gRPC's message limit), capped by the message
+        limit; REQUEST_SLACK when no model has a readable config."""
+        largest = REQUEST_SLACK
+        for model_dir in self.root.iterdir():
+            try:
+                if model_dir.name.startswith(".") or not model_dir.is_dir():
+                    continue
+                self.files.inside(self.root, model_dir, "model folder")
+                config = parse_config(self.files.read_text(
+                    model_dir, model_dir / CONFIG_FILE, CONFIG_FILE, CONFIG_LIMIT))  # fmt: skip
+                dims = tuple(int(d) for d in config.input[0].dims)
+                batch = self.options.max_batch_size or config.max_batch_size or 1
+                if dims and min(dims) >= 1:
+                    largest = max(largest, request_bytes(batch, dims))
+            except (InvalidArgument, OSError, IndexError, text_format.ParseError):
+                continue  # reported when the model loads
+        return min(largest, self.max_message_bytes)
 
     def queue_depths(self) -> dict[tuple[str, int], tuple[int, int]]:
         """(queued now, most ever queued) for every serving version, for the metrics."""
