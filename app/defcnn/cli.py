@@ -311,6 +311,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="ONNX Runtime intra-op threads (0: its own default, one per core)",
     )
+    p.add_argument(
+        "--ort-spinning", choices=("on", "off"), default="on",
+        help="ONNX Runtime's idle intra-op threads spin (faster alone) or sleep (leave the "
+        "cores to gRPC); docs/benchmarks.md has both measured",
+    )  # fmt: skip
     p.add_argument("--auth-token-file", help="require this bearer token (or $DEFCNN_AUTH_TOKEN)")
     p.add_argument("--tls-cert", help="server certificate (PEM); serves TLS with --tls-key")
     p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
@@ -356,7 +361,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         serving=ServingOptions(
             backend=args.backend, device=args.device, max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
-            threads=args.threads,
+            threads=args.threads, spinning=args.ort_spinning == "on",
         ),
         auth_token_file=args.auth_token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_ca=args.tls_ca, max_message_mb=args.max_message_mb, grace_s=args.grace_seconds,

@@ -36,6 +36,7 @@ class ServingOptions:
     max_queue_delay_us: int | None = None
     max_queue_size: int = 1024
     threads: int = 0
+    spinning: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +101,9 @@ def _make_backend(options: ServingOptions, folder: Path) -> Backend:
     if options.backend == "onnxruntime":
         from defcnn.server.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(folder / MODEL_FILE, options.device, options.threads)
+        return OnnxRuntimeBackend(
+            folder / MODEL_FILE, options.device, options.threads, options.spinning
+        )
     if options.backend == "tensorrt":
         from defcnn.server.backends.tensorrt import TensorRTBackend
 

@@ -31,13 +31,16 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, device: str = "auto", threads: int = 0) -> None:
+    def __init__(
+        self, model_path: Path, device: str = "auto", threads: int = 0, spinning: bool = True
+    ) -> None:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
-        # Idle ORT threads spin by default, taking the cores the gRPC and event-loop threads
-        # need between batches; a server shares its CPU, so they sleep instead.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spinning idle intra-op threads (ONNX Runtime's default) answer a lone request
+        # sooner; sleeping ones leave the cores to the gRPC threads between batches. Which
+        # is faster depends on the CPU (docs/benchmarks.md); --ort-spinning chooses.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(model_path), opts, providers=providers_for(device))
         self.device = "cuda" if self.session.get_providers()[0] in GPU_PROVIDERS else "cpu"
         self.input_name = self.session.get_inputs()[0].name
