@@ -18,6 +18,9 @@ from defcnn.server.errors import InvalidArgument, ResourceExhausted
 from defcnn.server.repository import ModelVersion
 
 CLASSIFICATION = "classification"
+# Messages are parsed, decoded, encoded and serialized on the event loop up to this size;
+# larger ones in a worker thread, so no request holds the loop in proportion to its size.
+INLINE_BYTES = 64 * 1024
 # Typed-contents fields that must stay empty for an FP32 input.
 _OTHER_CONTENTS = (
     "bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents",

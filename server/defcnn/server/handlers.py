@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError, Message
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 from defcnn.server import memory
+from defcnn.server.codec import INLINE_BYTES
 from defcnn.server.drain import ArrivalClock, until_set
 from defcnn.server.errors import (
     DeadlineExceeded,
@@ -44,7 +45,6 @@ from defcnn.server.inflight import ByteBudget
 from defcnn.server.wire import check_infer_request
 
 SERVICE_NAME = "inference.GRPCInferenceService"
-INLINE_BYTES = 64 * 1024  # parsed or serialized on the event loop up to this size
 M = TypeVar("M", bound=Message)
 
 
@@ -63,7 +63,7 @@ class Intake:
     arrivals: ArrivalClock = field(default_factory=ArrivalClock)
 
     def hold(self) -> None:
-        """From now on, calls wait before they are answered, until `release`: while the
+        """From now on, calls wait before they are answered, until `let_go`: while the
         port closes, callers are kept waiting on a call we answer, not sending new ones
         that gRPC would cancel."""
         self.held = asyncio.Event()

@@ -22,6 +22,7 @@ import grpc
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 from defcnn.server import codec
+from defcnn.server.codec import INLINE_BYTES
 from defcnn.server.errors import InternalError, NotFound, ServerError, Unavailable, status_of
 from defcnn.server.repository import FailedVersion, ModelRepository, ModelVersion
 from defcnn.server.statistics import Duration, Metrics
@@ -29,7 +30,6 @@ from defcnn.server.statistics import Duration, Metrics
 log = logging.getLogger("defcnn.server")
 SERVER_NAME = "defcnn"
 SERVER_VERSION = "0.1.0"
-INLINE_BYTES = 64 * 1024  # decoded and encoded on the event loop up to this size
 EXTENSIONS = ("classification", "model_configuration", "statistics", "binary_tensor_data")
 
 R = TypeVar("R")
