@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -346,13 +347,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("threads", "max_queue_delay_us"):
+    for name, most in (("threads", 1024), ("max_queue_delay_us", 60_000_000),
+                       ("max_message_mb", 2047)):  # fmt: skip
         value = getattr(args, name)
-        if value is not None and value < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if value is not None and not 0 <= value <= most:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 to {most}, got {value}")
     for name in ("grace_seconds", "drain_quiet_seconds"):
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0")
+    for name in ("host", "metrics_host"):
+        if not getattr(args, name).strip():
+            raise ConfigError(f"--{name.replace('_', '-')} is empty (0.0.0.0: every interface)")
     configure_logging(args.log_level)
     settings = ServerSettings(
         model_repo=args.model_repo, host=args.host, port=args.port,

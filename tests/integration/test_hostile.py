@@ -302,8 +302,15 @@ def _serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         (["--port", "-5"], "a port is 0 to 65535"),
         (["--port", "70000"], "a port is 0 to 65535"),
         (["--metrics-port", "-2"], "a port is 0 to 65535"),
-        (["--threads", "-2"], "--threads must be >= 0"),
-        (["--max-queue-delay-us", "-1"], "--max-queue-delay-us must be >= 0"),
+        (["--threads", "-2"], "--threads must be 0 to 1024"),
+        (["--threads", "10000000000"], "--threads must be 0 to 1024"),
+        (["--max-queue-delay-us", "-1"], "--max-queue-delay-us must be 0 to"),
+        (["--max-queue-delay-us", "10" + "0" * 400], "--max-queue-delay-us must be 0 to"),
+        (["--max-message-mb", "4096"], "--max-message-mb must be 0 to 2047"),
+        (["--grace-seconds", "nan"], "--grace-seconds must be a finite number"),
+        (["--drain-quiet-seconds", "nan"], "--drain-quiet-seconds must be a finite number"),
+        (["--host", ""], "--host is empty"),
+        (["--metrics-host", " "], "--metrics-host is empty"),
         (["--max-inflight-mb", "0"], "--max-inflight-mb must be >= 1"),
         (["--host", "no-such-host.invalid"], "cannot bind no-such-host.invalid"),
     ],
@@ -455,9 +462,40 @@ def test_bursts_of_large_requests_are_bounded_and_memory_comes_back(repo, tmp_pa
         ) - baseline > 100 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert now - baseline < 100, f"RSS {now:.0f} MiB after the burst, {baseline:.0f} before"
+        _reset_peak(srv.proc.pid)
+        outcomes = _stream_burst(srv.address, big, 16, token="s3cret")
+        assert set(outcomes) <= {"answered", "RESOURCE_EXHAUSTED"} and "answered" in outcomes
+        _, peak = _memory_mib(srv.proc.pid)
+        assert peak - baseline < 1200, f"streams: peak {peak:.0f} MiB from {baseline:.0f}"
         _serves_with_token(srv, repo, "s3cret")
     finally:
         assert srv.stop() == 0
+
+
+def _stream_burst(address: str, payload: bytes, calls: int, token: str) -> list[str]:
+    """`calls` concurrent ModelStreamInfer streams, each sending `payload` once."""
+    outcomes: list[str] = []
+
+    def one() -> None:
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        with grpc.insecure_channel(address, options=options) as channel:
+            call = channel.stream_stream(
+                "/inference.GRPCInferenceService/ModelStreamInfer",
+                request_serializer=None, response_deserializer=None,
+            )  # fmt: skip
+            try:
+                answers = list(call(iter([payload]), timeout=120,
+                                    metadata=[("authorization", f"Bearer {token}")]))  # fmt: skip
+                outcomes.append("answered" if answers else "empty")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+
+    threads = [threading.Thread(target=one) for _ in range(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
 
 
 def _serves_with_token(srv, repo, token: str) -> None:
@@ -718,3 +756,123 @@ def test_callers_that_keep_calling_through_the_drain_never_see_cancelled(repo, l
     assert srv.proc.wait(timeout=30) == 0
     assert not wrong
     assert set(codes) == {"OK", "UNAVAILABLE"}, codes
+
+
+def test_files_given_as_flags_must_be_small_regular_files(repo, tmp_path: Path) -> None:
+    """A FIFO would block the start for ever (signals included), garbage PEM would be
+    reported by gRPC as a port it cannot bind, and a device must never be replaced."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    node = tmp_path / "node"
+    os.mkfifo(node)
+    cases = [
+        (["--auth-token-file", str(fifo)], "is not a regular file"),
+        (["--tls-cert", str(fifo), "--tls-key", str(garbage)], "is not a regular file"),
+        (["--tls-cert", str(garbage), "--tls-key", str(garbage)], "not a certificate and its"),
+        (["--ready-file", str(node)], "is not a regular file; not replaced"),
+    ]
+    for flags, words in cases:
+        done = _serve("--model-repo", str(repo.root), "--port", "0", "--metrics-port", "-1",
+                      *flags, timeout=30)  # fmt: skip
+        assert done.returncode == 2, (flags, done.stderr)
+        assert words in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert node.exists()
+
+
+def test_loops_long_names_and_a_model_named_like_a_version(repo, tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    _copy(repo, root, "good")
+    loop = _copy(repo, root, "config-loop")
+    (loop / "config.pbtxt").unlink()
+    (loop / "config.pbtxt").symlink_to("config.pbtxt")
+    labels = _copy(repo, root, "labels-loop")
+    (labels / "labels.txt").unlink()
+    (labels / "labels.txt").symlink_to("labels.txt")
+    long_name = _copy(repo, root, "long-label-name")
+    config = long_name / "config.pbtxt"
+    config.write_text(config.read_text().replace('"labels.txt"', '"' + "x" * 5000 + '"'))
+    one = _copy(repo, root, "1")  # a model may be named 1, with a stray model.onnx in it
+    shutil.copy(one / "1" / "model.onnx", one / "model.onnx")
+    srv = start_server(root)
+    try:
+        index = _index(srv)
+        for name in ("good", "1"):
+            assert [(m.version, m.state) for m in index[name]] == [("1", "READY")], index[name]
+        for name in ("config-loop", "labels-loop", "long-label-name"):
+            assert [(m.version, m.state) for m in index[name]] == [("1", "UNAVAILABLE")], name
+            assert str(tmp_path) not in index[name][0].reason
+        assert "Traceback" not in _log(srv)
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("field", ["model_name", "model_version", "input", "datatype", "output"])
+def test_long_strings_in_a_request_are_not_echoed_whole(server, field: str) -> None:
+    long = "x" * 100_000
+    request = infer_request(images(1))
+    if field in ("model_name", "model_version"):
+        setattr(request, field, long)
+    elif field == "input":
+        request.inputs[0].name = long
+    elif field == "datatype":
+        request.inputs[0].datatype = long
+    else:
+        request.outputs.add(name=long)
+    with pytest.raises(grpc.RpcError) as exc:
+        server.stub().ModelInfer(request, timeout=20)
+    assert exc.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+    assert len(exc.value.details()) < 400, exc.value.details()[:200]
+
+
+def test_a_shape_of_millions_of_dimensions_is_refused_before_it_is_read(large_server) -> None:
+    request = pb.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="input", datatype="FP32", shape=[1] * 3_000_000)
+    payload = request.SerializeToString()
+    call = grpc.insecure_channel(
+        large_server.address, options=[("grpc.max_send_message_length", 64 << 20)]
+    ).unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=None, response_deserializer=None,
+    )  # fmt: skip
+    with pytest.raises(grpc.RpcError) as exc:
+        call(payload, timeout=30)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than 16 dimensions" in exc.value.details()
+    small = infer_request(images(1))
+    small.inputs[0].shape[:] = [1] * 5000  # under 64 KiB: counted, not listed
+    with pytest.raises(grpc.RpcError) as exc:
+        large_server.stub().ModelInfer(small, timeout=30)
+    assert "got 5000 dims" in exc.value.details()
+
+
+def test_health_messages_are_small_or_refused(server) -> None:
+    health = health_pb2_grpc.HealthStub(
+        grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 << 20)])
+    )
+    big = health_pb2.HealthCheckRequest(service="s" * 200_000)
+    for call in (health.Check, lambda r, timeout: next(health.Watch(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as exc:
+            call(big, timeout=20)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    ok = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert ok.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_scrape_that_trickles_is_cut_off_and_scrapes_work_again(server) -> None:
+    trickles = [socket.create_connection(("127.0.0.1", server.metrics_port)) for _ in range(16)]
+    start = time.monotonic()
+    closed = set()
+    while len(closed) < len(trickles) and time.monotonic() - start < 40:
+        for i, s in enumerate(trickles):  # a header byte every second, never a full request
+            if i not in closed:
+                try:
+                    s.sendall(b"G")
+                except OSError:
+                    closed.add(i)
+        time.sleep(1)
+    assert len(closed) == len(trickles), "trickling connections were never closed"
+    assert _scrape(server.metrics_port)[0] == 200
+    for s in trickles:
+        s.close()

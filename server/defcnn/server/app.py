@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from defcnn.errors import ConfigError
 from defcnn.protos import grpc_service_pb2
 from defcnn.server.auth import BearerTokenInterceptor, load_token
 from defcnn.server.drain import ArrivalClock
-from defcnn.server.handlers import Intake, add_inference_service
+from defcnn.server.handlers import Intake, add_health_service, add_inference_service
 from defcnn.server.health import SERVING, BoundedHealth
 from defcnn.server.inflight import ByteBudget
 from defcnn.server.ready import ModelState, ReadyFile, check_writable
@@ -39,6 +40,7 @@ from defcnn.server.statistics import (
     bind_metrics_server,
     serve_in_thread,
 )
+from defcnn.tokens import read_credential_file
 
 log = logging.getLogger("defcnn.server")
 HOLD_S = 0.1  # how long calls are held on each side of the port closing
@@ -84,12 +86,26 @@ def _credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
         return None
     if not (s.tls_cert and s.tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key (and --tls-ca for mutual TLS)")
-    try:
-        cert, key = Path(s.tls_cert).read_bytes(), Path(s.tls_key).read_bytes()
-        ca = Path(s.tls_ca).read_bytes() if s.tls_ca else None
-    except OSError as exc:
-        raise ConfigError(f"cannot read TLS files: {exc}") from exc
+    cert = read_credential_file(s.tls_cert, flag="--tls-cert")
+    key = read_credential_file(s.tls_key, flag="--tls-key")
+    ca = read_credential_file(s.tls_ca, flag="--tls-ca") if s.tls_ca else None
+    _check_pem(s.tls_cert, s.tls_key, s.tls_ca)
     return grpc.ssl_server_credentials([(key, cert)], ca, require_client_auth=ca is not None)
+
+
+def _check_pem(cert: str, key: str, ca: str | None) -> None:
+    """Load the TLS files as a TLS library would, so that a bad one is named as such
+    (gRPC would only say that it cannot bind the port)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=lambda: b"")  # never a prompt
+        if ca:
+            context.load_verify_locations(ca)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(
+            f"--tls-cert {cert}, --tls-key {key}{f', --tls-ca {ca}' if ca else ''}: not a "
+            f"certificate and its private key in PEM ({exc})"
+        ) from None
 
 
 # Connections: keepalive pings find dead peers, a connection idle for 5 minutes is closed
@@ -161,7 +177,7 @@ class InferenceServer:
             ],
         )
         add_inference_service(self.servicer, server, self.closing_streams, self.intake)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_health_service(self.health, server, self.intake)
         reflection.enable_server_reflection(
             [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], server,

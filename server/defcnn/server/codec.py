@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from defcnn.protos import grpc_service_pb2 as pb
-from defcnn.server.errors import InvalidArgument, ResourceExhausted
+from defcnn.server.errors import InvalidArgument, ResourceExhausted, shown
 from defcnn.server.repository import ModelVersion
 
 CLASSIFICATION = "classification"
@@ -54,19 +54,21 @@ def decode_inputs(request: pb.ModelInferRequest, mv: ModelVersion) -> np.ndarray
     if request.inputs[0].name != expected_name:
         raise InvalidArgument(
             f"model {mv.name!r} takes exactly one input {expected_name!r}; got "
-            f"{request.inputs[0].name!r}"
+            f"{shown(request.inputs[0].name)}"
         )
     tensor = request.inputs[0]
     if tensor.datatype != "FP32":
         raise InvalidArgument(
-            f"input {tensor.name!r}: datatype must be FP32, got {tensor.datatype!r}"
+            f"input {tensor.name!r}: datatype must be FP32, got {shown(tensor.datatype)}"
+        )
+    wanted = f"[N, {', '.join(map(str, mv.input_dims))}]"
+    if len(tensor.shape) != 1 + len(mv.input_dims):  # counted before any is looked at
+        raise InvalidArgument(
+            f"input {tensor.name!r}: shape must be {wanted}, got {len(tensor.shape)} dims"
         )
     shape = tuple(int(d) for d in tensor.shape)
-    if len(shape) != 1 + len(mv.input_dims) or shape[1:] != mv.input_dims:
-        raise InvalidArgument(
-            f"input {tensor.name!r}: shape must be [N, {', '.join(map(str, mv.input_dims))}], "
-            f"got {list(shape)}"
-        )
+    if shape[1:] != mv.input_dims:
+        raise InvalidArgument(f"input {tensor.name!r}: shape must be {wanted}, got {list(shape)}")
     n = shape[0]
     if n < 1:
         raise InvalidArgument(f"input {tensor.name!r}: batch size must be >= 1, got {n}")
@@ -118,7 +120,7 @@ def requested_outputs(request: pb.ModelInferRequest, mv: ModelVersion) -> list[R
     result = []
     for out in request.outputs:
         if out.name != output_name:
-            raise InvalidArgument(f"unknown output {out.name!r}; model has {output_name!r}")
+            raise InvalidArgument(f"unknown output {shown(out.name)}; model has {output_name!r}")
         k = 0
         if CLASSIFICATION in out.parameters:
             k = int(out.parameters[CLASSIFICATION].int64_param)

@@ -47,6 +47,16 @@ class Unauthenticated(ServerError):
     status = grpc.StatusCode.UNAUTHENTICATED
 
 
+SHOWN_CHARS = 80  # of a caller's string echoed in an error message
+
+
+def shown(value: str) -> str:
+    """A caller's string as an error message quotes it: repr, cut to SHOWN_CHARS (a 40 MB
+    model name must not come back as a 40 MB status message)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(value)} chars)"
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status and message to send for `exc`; anything unexpected is INTERNAL, no details."""
     if isinstance(exc, ServerError):

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2
 
 from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
@@ -213,10 +214,10 @@ def _stream(
     streams: asyncio.Semaphore,
 ) -> Callable[..., AsyncIterator[bytes]]:
     """Each message answered in turn by `answer`; as for every stream error, a malformed
-    message is answered in its error_message. A stream waits for its next message without a
-    reservation (it may be idle for long); once a message is in, its bytes count against
-    the budget until it is answered. Once `closing` is set, a stream waiting for its next
-    message ends with UNAVAILABLE."""
+    message is answered in its error_message. Like a unary call, a stream reserves room
+    for its next message before reading it, and holds the reservation while it waits (open
+    streams are capped so that they can hold at most half the budget). Once `closing` is
+    set, a stream waiting for its next message ends with UNAVAILABLE."""
 
     async def handle(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -225,25 +226,35 @@ def _stream(
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open ModelStreamInfer streams"
             )
+        reserved = intake.max_message_bytes
+        held = 0
         async with streams:
             try:
+                await intake.budget.acquire(reserved, intake.wait_timeout_s)
+                held = reserved
                 async for data in until_set(closing, aiter(requests)):
                     intake.arrivals.arrived()
-                    size = min(2 * len(data), intake.budget.limit)
-                    await intake.budget.acquire(size, intake.wait_timeout_s)
+                    held = intake.budget.shrink(reserved, 2 * len(data))
                     try:
-                        try:
-                            request = await intake.parse(pb.ModelInferRequest, data)
-                        except InvalidArgument as exc:
-                            reply = pb.ModelStreamInferResponse(error_message=str(exc))
-                        else:
-                            reply = await answer(request)
-                        del data
-                        yield await intake.serialize(reply)
-                    finally:
-                        intake.release(size)
+                        request = await intake.parse(pb.ModelInferRequest, data)
+                    except InvalidArgument as exc:
+                        reply = pb.ModelStreamInferResponse(error_message=str(exc))
+                    else:
+                        reply = await answer(request)
+                    del data
+                    answer_bytes = await intake.serialize(reply)
+                    intake.release(held)
+                    held = 0
+                    yield answer_bytes
+                    await intake.budget.acquire(reserved, intake.wait_timeout_s)
+                    held = reserved
             except (Unavailable, ResourceExhausted) as exc:
-                await context.abort(*status_of(exc))
+                status = status_of(exc)
+            else:
+                return
+            finally:
+                intake.release(held)
+        await context.abort(*status)
 
     return handle
 
@@ -259,7 +270,10 @@ def add_inference_service(
     `closing` ends the streams that are idle."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     base = pb_grpc.GRPCInferenceServiceServicer
-    streams = asyncio.Semaphore(max_streams)
+    # Open streams hold a reservation each: at most half the budget's worth of them.
+    streams = asyncio.Semaphore(
+        max(1, min(max_streams, intake.budget.limit // (2 * intake.max_message_bytes)))
+    )
     handlers = {}
     for method in service.methods:
         if method.client_streaming or method.server_streaming:
@@ -278,3 +292,42 @@ def add_inference_service(
                 _unary(getattr(servicer, method.name), request_cls, intake)
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+HEALTH_READS = 8  # health messages read at once (they need no token: no budget for them)
+
+
+def add_health_service(health: Any, server: grpc.aio.Server, intake: Intake) -> None:
+    """grpc.health.v1.Health, open to callers without a token. Its messages are read at
+    most HEALTH_READS at a time (more are refused at once, never queued), within the read
+    limit, and parsed only up to INLINE_BYTES: a probe's message is a few bytes."""
+    reads = asyncio.Semaphore(HEALTH_READS)
+
+    async def read(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckRequest:
+        if reads.locked():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many health checks")
+        try:
+            async with reads:
+                data = await _read_one(requests, context, intake)
+            return await intake.parse(health_pb2.HealthCheckRequest, data)
+        except ServerError as exc:
+            status = status_of(exc)
+        await context.abort(*status)
+        raise AssertionError("unreachable")
+
+    async def check(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        return await health.Check(await read(requests, context), context)
+
+    async def watch(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        await health.Watch(await read(requests, context), context)
+
+    serialize = health_pb2.HealthCheckResponse.SerializeToString
+    handlers = {
+        "Check": grpc.stream_unary_rpc_method_handler(check, response_serializer=serialize),
+        "Watch": grpc.stream_stream_rpc_method_handler(watch, response_serializer=serialize),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("grpc.health.v1.Health", handlers),)
+    )

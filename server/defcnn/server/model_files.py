@@ -45,8 +45,14 @@ class RepositoryFiles:
 
     def inside(self, folder: Path, path: Path, what: str) -> Path:
         """`path` resolved, refused unless it stays inside `folder` (symlinks followed)."""
-        real = path.resolve()
-        if not real.is_relative_to(folder.resolve()):
+        try:
+            real = path.resolve()
+            inside = real.is_relative_to(folder.resolve())
+        except (OSError, RuntimeError):  # a symlink loop, a name too long
+            raise InvalidArgument(
+                f"{what} {self.shown(path)} does not resolve (a link loop?)"
+            ) from None
+        if not inside:
             raise InvalidArgument(
                 f"{what} {self.shown(path)} resolves outside {self.shown(folder)}; refused"
             )

@@ -67,6 +67,8 @@ def check_writable(path: Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--ready-file {path} is a folder; expected a file path")
+    if (path.exists() or path.is_symlink()) and not (path.is_file() and not path.is_symlink()):
+        raise ConfigError(f"--ready-file {path} exists and is not a regular file; not replaced")
     folder = path.parent
     if not folder.is_dir():
         raise ConfigError(f"--ready-file {path}: the folder {folder} does not exist")

@@ -19,7 +19,7 @@ from defcnn.protos.model_config_pb2 import ModelConfig
 from defcnn.server._external_data import check_external_data
 from defcnn.server.backends.base import Backend
 from defcnn.server.batching import BatchRecord, DynamicBatcher
-from defcnn.server.errors import InvalidArgument, NotFound, ServerError, Unavailable
+from defcnn.server.errors import InvalidArgument, NotFound, ServerError, Unavailable, shown
 from defcnn.server.model_files import CONFIG_LIMIT, LABELS_LIMIT, RepositoryFiles
 from defcnn.server.statistics import Metrics
 
@@ -88,9 +88,11 @@ def check_repository(root: Path) -> None:
     model's folder (a common slip: it would serve nothing)."""
     if not root.is_dir():
         raise ConfigError(f"--model-repo {root} is not a folder")
-    if (root / CONFIG_FILE).is_file() or any(
-        parse_version(p.name) is not None and (p / MODEL_FILE).exists() for p in root.iterdir()
-    ):
+    folders = [p for p in root.iterdir() if p.is_dir()]
+    models = any((p / CONFIG_FILE).exists() for p in folders)
+    versions = any(parse_version(p.name) is not None and (p / MODEL_FILE).exists()
+                   for p in folders)  # fmt: skip
+    if (root / CONFIG_FILE).is_file() or (versions and not models):
         raise ConfigError(
             f"--model-repo {root} is one model's folder (it holds {CONFIG_FILE} or version "
             f"folders); pass the folder above it, which holds one folder per model"
@@ -154,7 +156,12 @@ class ModelRepository:
             except Exception as exc:  # a bug or an unforeseen file: this model only
                 log.exception("model %s not ready", name)
                 reason = self.files.scrub(f"{type(exc).__name__}: {exc}")
-                self.models[name] = {0: FailedVersion(name, 0, reason, ModelConfig())}
+                try:
+                    versions = list(self.files.version_folders(model_dir)) or [0]
+                except OSError:
+                    versions = [0]
+                self.models[name] = {v: FailedVersion(name, v, reason, ModelConfig())
+                                     for v in versions}  # fmt: skip
 
     def _load_model(self, model_dir: Path) -> dict[int, AnyVersion]:
         name = model_dir.name
@@ -168,7 +175,7 @@ class ModelRepository:
             except text_format.ParseError as exc:
                 raise InvalidArgument(f"{CONFIG_FILE} does not parse: {exc}") from None
             labels = self._labels(model_dir, config)
-        except InvalidArgument as exc:
+        except (InvalidArgument, OSError) as exc:
             log.error("model %s not ready: %s", name, exc)
             return {v: FailedVersion(name, v, str(exc), ModelConfig()) for v in versions or [0]}
         if not versions:
@@ -192,8 +199,9 @@ class ModelRepository:
         label_name = config.output[0].label_filename if config.output else ""
         if not label_name:
             return []
-        if Path(label_name).name != label_name or label_name in (".", ".."):
-            raise InvalidArgument(f"label_filename {label_name!r} is not a plain file name")
+        if (Path(label_name).name != label_name or label_name in (".", "..")
+                or len(label_name) > 255 or "\0" in label_name):  # fmt: skip
+            raise InvalidArgument(f"label_filename {shown(label_name)} is not a plain file name")
         path = model_dir / label_name
         if not path.exists() and not path.is_symlink():
             return []
@@ -230,7 +238,8 @@ class ModelRepository:
         if delay_us is None:
             delay_us = cfg.dynamic_batching.max_queue_delay_microseconds
         if self.options.backend == "onnxruntime":
-            model = self.files.regular_file(folder, folder / MODEL_FILE, MODEL_FILE, 1 << 40)
+            # protobuf cannot hold more than 2 GiB: larger weights are external data
+            model = self.files.regular_file(folder, folder / MODEL_FILE, MODEL_FILE, 2 << 30)
             check_external_data(model)
         backend = _make_backend(self.options, folder)
         for n in sorted({1, max_batch_size}):  # warm-up, and a check that it really runs
@@ -267,7 +276,7 @@ class ModelRepository:
                 batch = self.options.max_batch_size or config.max_batch_size or 1
                 if dims and min(dims) >= 1:
                     largest = max(largest, request_bytes(batch, dims))
-            except (InvalidArgument, OSError, IndexError, text_format.ParseError):
+            except (InvalidArgument, OSError, RuntimeError, IndexError, text_format.ParseError):
                 continue  # reported when the model loads
         return min(largest, self.max_message_bytes)
 
@@ -296,11 +305,11 @@ class ModelRepository:
         statistics, which describe a model that is not serving too. NOT_FOUND otherwise."""
         versions = self.models.get(name)
         if not versions:
-            raise NotFound(f"unknown model {name!r}")
+            raise NotFound(f"unknown model {shown(name)}")
         if version:
             number = parse_version(version)
             if number is None or number not in versions:
-                raise NotFound(f"model {name!r} has no version {version!r}")
+                raise NotFound(f"model {name!r} has no version {shown(version)}")
             return versions[number]
         return versions[max(versions)]
 

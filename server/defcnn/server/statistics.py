@@ -7,8 +7,10 @@ latency and batch size.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hmac
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -202,6 +204,22 @@ def bind_metrics_server(
 
     class Handler(BaseHTTPRequestHandler):
         timeout = timeout_s  # a connection that sends nothing is closed after this
+
+        def setup(self) -> None:
+            super().setup()
+            # ... and one that trickles a byte at a time is closed after this in all
+            self._cutoff = threading.Timer(timeout_s, self._cut_off)
+            self._cutoff.daemon = True
+            self._cutoff.start()
+
+        def _cut_off(self) -> None:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+        def finish(self) -> None:
+            self._cutoff.cancel()
+            with contextlib.suppress(OSError):
+                super().finish()
 
         def do_GET(self) -> None:
             if expected is not None:

@@ -18,6 +18,7 @@ from defcnn.server.errors import InvalidArgument
 MAX_PARAMETERS = 64  # entries of any one parameters map
 MAX_TENSORS = 16  # inputs, outputs and raw_input_contents entries, each
 MAX_FIELDS = 256  # fields of the request, or of one of its tensors, counted as they come
+MAX_SHAPE_BYTES = 16 * 10  # a packed shape of 16 dimensions, each a 10-byte varint at most
 
 
 class Malformed(ValueError):
@@ -74,6 +75,8 @@ _TENSORS = {
     ),
 }  # fmt: skip
 _RAW = _number(_REQUEST, "raw_input_contents")
+_INPUTS = _number(_REQUEST, "inputs")
+_SHAPE = _number(_REQUEST.InferInputTensor, "shape")
 
 
 def _bounded(buf: memoryview, what: str, parameters: int) -> Iterator[tuple[int, int | memoryview]]:
@@ -100,7 +103,9 @@ def check_infer_request(data: bytes) -> None:
                     raise InvalidArgument(f"the request has more than {MAX_TENSORS} {name}")
             if number in _TENSORS and isinstance(value, memoryview):
                 name, parameters = _TENSORS[number]
-                for _ in _bounded(value, f"an entry of {name}", parameters):
-                    pass
+                for field, inner in _bounded(value, f"an entry of {name}", parameters):
+                    too_long = isinstance(inner, memoryview) and len(inner) > MAX_SHAPE_BYTES
+                    if number == _INPUTS and field == _SHAPE and too_long:
+                        raise InvalidArgument("an input's shape has more than 16 dimensions")
     except Malformed:
         return
