@@ -863,7 +863,7 @@ def test_health_messages_are_small_or_refused(server) -> None:
 def test_a_scrape_that_trickles_is_cut_off_and_scrapes_work_again(server) -> None:
     trickles = [socket.create_connection(("127.0.0.1", server.metrics_port)) for _ in range(16)]
     start = time.monotonic()
-    closed = set()
+    closed: set[int] = set()
     while len(closed) < len(trickles) and time.monotonic() - start < 40:
         for i, s in enumerate(trickles):  # a header byte every second, never a full request
             if i not in closed:
