@@ -117,10 +117,6 @@ _CONNECTION_OPTIONS = [
     ("grpc.server_handshake_timeout_ms", 10_000),
     ("grpc.max_concurrent_streams", 1_000),
     ("grpc.so_reuseport", 0),
-    # A stream's window stays at the lookahead until its handler asks for the message, so
-    # a body the server has not reserved room for waits in the client, not in our memory.
-    ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", 65536),
 ]
 
 
