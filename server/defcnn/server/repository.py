@@ -176,8 +176,9 @@ class ModelRepository:
                 raise InvalidArgument(f"{CONFIG_FILE} does not parse: {exc}") from None
             labels = self._labels(model_dir, config)
         except (InvalidArgument, OSError) as exc:
-            log.error("model %s not ready: %s", name, exc)
-            return {v: FailedVersion(name, v, str(exc), ModelConfig()) for v in versions or [0]}
+            reason = self.files.scrub(str(exc))  # an OSError names the absolute path
+            log.error("model %s not ready: %s", name, reason)
+            return {v: FailedVersion(name, v, reason, ModelConfig()) for v in versions or [0]}
         if not versions:
             log.warning("model %s has no version folder (1, 2, ...)", name)
         loaded: dict[int, AnyVersion] = {}
