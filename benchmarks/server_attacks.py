@@ -254,18 +254,22 @@ def slow_to_parse_parameters() -> bytes:
     return head + b"".join(_entry(4, e) for e in params)
 
 
-def slow_to_parse(target: Target) -> Run:
-    """Four at a time, 16 in all, with the token: a parse each would stall every caller."""
-    payload = slow_to_parse_parameters()
+def repeated(target: Target, payload: bytes, threads: int, calls: int, timeout: float) -> Run:
+    """`calls` ModelInfer calls of `payload` with the token, `threads` at a time, on one
+    connection."""
 
     def run() -> Codes:
         with grpc.insecure_channel(target.address, options=RAW_OPTIONS) as channel:
             call = raw_infer(channel)
-            return concurrently(
-                4, 16, lambda: code_of(lambda: call(payload, timeout=120, metadata=target.metadata))
-            )
+            return concurrently(threads, calls, lambda: code_of(
+                lambda: call(payload, timeout=timeout, metadata=target.metadata)))  # fmt: skip
 
     return run
+
+
+def slow_to_parse(target: Target) -> Run:
+    """Four at a time, 16 in all, with the token: a parse each would stall every caller."""
+    return repeated(target, slow_to_parse_parameters(), 4, 16, timeout=120)
 
 
 def duplicate_outputs(target: Target) -> Run:
@@ -274,16 +278,7 @@ def duplicate_outputs(target: Target) -> Run:
     request = infer_request(np.random.default_rng(2).random((1, 3, 32, 32), dtype=np.float32))
     for _ in range(10_000):
         request.outputs.add(name="logits").parameters["classification"].int64_param = 10
-    payload = request.SerializeToString()
-
-    def run() -> Codes:
-        with grpc.insecure_channel(target.address, options=RAW_OPTIONS) as channel:
-            call = raw_infer(channel)
-            return concurrently(
-                4, 200, lambda: code_of(lambda: call(payload, timeout=60, metadata=target.metadata))
-            )
-
-    return run
+    return repeated(target, request.SerializeToString(), 4, 200, timeout=60)
 
 
 def health_watch_flood(target: Target) -> Run:

@@ -220,9 +220,28 @@ def large_server(repo) -> Iterator[ServerProcess]:
 def test_a_request_built_to_be_slow_to_parse_does_not_hold_other_callers(
     large_server, kind
 ) -> None:
-    server = large_server
     payload = _slow_to_parse(kind)
     assert 40 << 20 < len(payload) < 48 << 20
+    # The control: as many bytes, cheap to parse (one raw buffer, for a model not there).
+    control = pb.ModelInferRequest(model_name="nosuch")
+    control.raw_input_contents.append(b"\0" * len(payload))
+    control_slowest, control_outcome = _slowest_live_while_sent(
+        large_server, control.SerializeToString()
+    )
+    assert control_outcome.code() == grpc.StatusCode.NOT_FOUND
+    slowest, outcome = _slowest_live_while_sent(large_server, payload)
+    assert outcome.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than" in outcome.details()
+    # Parsing 45 MiB of these holds the GIL for 0.4 to 2 s on these CPUs; moving the same
+    # bytes costs a ServerLive tens of milliseconds. Judged against the control run, so
+    # that a slower CPU moves both.
+    limit = max(0.2, 3 * control_slowest)
+    assert slowest < limit, f"a ServerLive took {slowest:.2f} s (control {control_slowest:.2f})"
+
+
+def _slowest_live_while_sent(server, payload: bytes) -> tuple[float, grpc.RpcError]:
+    """The slowest ServerLive, called every 20 ms while `payload` is sent as a ModelInfer
+    (which must fail), and how it failed."""
     channel = grpc.insecure_channel(
         server.address, options=[("grpc.max_send_message_length", 64 << 20)]
     )
@@ -248,11 +267,9 @@ def test_a_request_built_to_be_slow_to_parse_does_not_hold_other_callers(
         slowest = max(slowest, time.monotonic() - start)
         time.sleep(0.02)
     sender.join()
-    assert outcome and outcome[0].code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "more than" in outcome[0].details()
-    # Parsing 45 MiB of these holds the GIL for 0.4 to 1.5 s on these CPUs: a stall of a
-    # fifth of a second means it was parsed; honest ServerLive calls take milliseconds.
-    assert slowest < 0.2, f"a ServerLive took {slowest:.2f} s while a request was parsed"
+    channel.close()
+    assert outcome, "the request was answered"
+    return slowest, outcome[0]
 
 
 def test_a_request_larger_than_any_model_takes_is_refused_from_its_length(server) -> None:
@@ -444,19 +461,22 @@ def test_bursts_of_large_requests_are_bounded_and_memory_comes_back(repo, tmp_pa
         baseline, _ = _memory_mib(srv.proc.pid)
         _reset_peak(srv.proc.pid)
         codes = _burst(srv.address, big, 32, token=None)
-        assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+        assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}, codes
         _, peak = _memory_mib(srv.proc.pid)
         assert peak - baseline < 200, f"32 refused calls took the server to {peak:.0f} MiB"
 
         _reset_peak(srv.proc.pid)
         codes = _burst(srv.address, big, 32, token="s3cret")
-        assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
+        # Read and refused; on a loaded machine a call may also wait its 30 s for room in
+        # the budget and be refused for that: the bound at work, never anything else.
+        refused = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert set(codes) <= refused and grpc.StatusCode.INVALID_ARGUMENT in codes, codes
         _, peak = _memory_mib(srv.proc.pid)
         # Unbounded, 32 such calls held 3.5 GiB at once. Four 48 MiB requests at a time (the
         # budget lets at least four of the largest in) and their copies (transport buffers,
         # the bytes, the parsed message) stay well under 1.2 GiB.
         assert peak - baseline < 1200, f"peak {peak:.0f} MiB from a baseline of {baseline:.0f}"
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20
         while (
             now := _memory_mib(srv.proc.pid)[0]
         ) - baseline > 100 and time.monotonic() < deadline:
@@ -464,7 +484,8 @@ def test_bursts_of_large_requests_are_bounded_and_memory_comes_back(repo, tmp_pa
         assert now - baseline < 100, f"RSS {now:.0f} MiB after the burst, {baseline:.0f} before"
         _reset_peak(srv.proc.pid)
         outcomes = _stream_burst(srv.address, big, 16, token="s3cret")
-        assert set(outcomes) <= {"answered", "RESOURCE_EXHAUSTED"} and "answered" in outcomes
+        assert set(outcomes) <= {"answered", "RESOURCE_EXHAUSTED"}, outcomes
+        assert "answered" in outcomes, outcomes
         _, peak = _memory_mib(srv.proc.pid)
         assert peak - baseline < 1200, f"streams: peak {peak:.0f} MiB from {baseline:.0f}"
         _serves_with_token(srv, repo, "s3cret")

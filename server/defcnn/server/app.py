@@ -43,7 +43,7 @@ from defcnn.server.statistics import (
 from defcnn.tokens import read_credential_file
 
 log = logging.getLogger("defcnn.server")
-HOLD_S = 0.1  # how long calls are held on each side of the port closing
+HOLD_S = 0.25  # at most, calls are held this long on each side of the port closing
 FINAL_GRACE_S = 1.0  # of the grace period, kept for the calls in flight as the port closes
 MIN_READERS = 4  # the byte budget always lets this many of the largest messages in
 SAME_SIGNAL_S = 0.2  # a second signal sooner than this is the first one delivered twice

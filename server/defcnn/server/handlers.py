@@ -40,6 +40,7 @@ from defcnn.server.errors import (
     ResourceExhausted,
     ServerError,
     Unavailable,
+    release_frames,
     status_of,
 )
 from defcnn.server.inflight import ByteBudget
@@ -166,6 +167,7 @@ def _unary(
             return await _answer(behaviour, request_cls, intake, requests, context)
         except ServerError as exc:
             status = status_of(exc)
+            release_frames(exc)
         # Aborted here, once the request is gone: gRPC keeps the abort's exception in a
         # reference cycle with the frames it passed through, and a frame that still held
         # the request would keep its bytes until the garbage collector found the cycle.

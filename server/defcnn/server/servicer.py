@@ -23,7 +23,14 @@ from defcnn.protos import grpc_service_pb2 as pb
 from defcnn.protos import grpc_service_pb2_grpc as pb_grpc
 from defcnn.server import codec
 from defcnn.server.codec import INLINE_BYTES
-from defcnn.server.errors import InternalError, NotFound, ServerError, Unavailable, status_of
+from defcnn.server.errors import (
+    InternalError,
+    NotFound,
+    ServerError,
+    Unavailable,
+    release_frames,
+    status_of,
+)
 from defcnn.server.repository import FailedVersion, ModelRepository, ModelVersion
 from defcnn.server.statistics import Duration, Metrics
 
@@ -177,6 +184,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             _, message = status_of(exc)
             if not isinstance(exc, ServerError):
                 log.exception("internal error in ModelStreamInfer")
+            release_frames(exc)
             return pb.ModelStreamInferResponse(
                 error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
             )
