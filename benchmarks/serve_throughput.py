@@ -140,9 +140,10 @@ def probe(model: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, session.run(["logits"], {"input": x})[0]
 
 
-def check(response: pb.ModelInferResponse, expected: np.ndarray) -> str | None:
+def check(response: pb.ModelInferResponse, expected: np.ndarray, rtol: float = 1e-3) -> str | None:
     """Why the answer is wrong (None when it is right): "logits", FP32 [1, 10], finite, and
-    close to `expected`, sent as raw_output_contents or as typed contents."""
+    within `rtol` of `expected` (relative to its largest logit) with the same argmax, sent as
+    raw_output_contents or as typed contents."""
     names = [o.name for o in response.outputs]
     if "logits" not in names:
         return f"no logits output: {names}"
@@ -161,13 +162,21 @@ def check(response: pb.ModelInferResponse, expected: np.ndarray) -> str | None:
         return f"{logits.size} values for [1, 10]"
     if not np.isfinite(logits).all():
         return "non-finite logits"
-    if np.abs(logits - expected.ravel()).max() > 1e-3 * np.abs(expected).max() + 1e-6:
+    if np.abs(logits - expected.ravel()).max() > rtol * np.abs(expected).max() + 1e-6:
         return f"logits {logits} differ from in-process {expected.ravel()}"
+    if logits.argmax() != expected.argmax():
+        return f"argmax {logits.argmax()} differs from in-process {expected.argmax()}"
     return None
 
 
 async def closed_loop(
-    address: str, model: str, concurrency: int, seconds: float, x: np.ndarray, expected: np.ndarray
+    address: str,
+    model: str,
+    concurrency: int,
+    seconds: float,
+    x: np.ndarray,
+    expected: np.ndarray,
+    rtol: float = 1e-3,
 ) -> dict:
     """Answers/s and latencies of `concurrency` one-image clients; every answer checked."""
     request = pb.ModelInferRequest(model_name=model)
@@ -179,7 +188,7 @@ async def closed_loop(
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for _ in range(3):
-            if (why := check(await stub.ModelInfer(request), expected)) is not None:
+            if (why := check(await stub.ModelInfer(request), expected, rtol)) is not None:
                 wrong.append(why)
         stop = time.perf_counter() + seconds
 
@@ -188,7 +197,7 @@ async def closed_loop(
                 t = time.perf_counter()
                 response = await stub.ModelInfer(request)
                 latencies.append(time.perf_counter() - t)
-                if (why := check(response, expected)) is not None:
+                if (why := check(response, expected, rtol)) is not None:
                     wrong.append(why)
 
         start = time.perf_counter()

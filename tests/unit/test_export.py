@@ -23,6 +23,7 @@ from defcnn.errors import ConfigError, ExportError
 from defcnn.export.exporter import ExportReport, ExportSettings, export, summary
 from defcnn.export.onnx_graph import mask_muls, read_metadata
 from defcnn.export.tensorrt_engine import check_engine
+from defcnn.export.verify import cuda_parity, cuda_session, parity_cases
 from defcnn.names import CONFIG_FILE, LABELS_FILE, engine_name, parse_engine_name
 from defcnn.training import TrainConfig, train
 
@@ -283,6 +284,36 @@ def test_engine_names_bind_gpu_and_tensorrt_version(tmp_path: Path) -> None:
         check_engine(tmp_path / name, (9, 0), "11.0")
     with pytest.raises(ConfigError):
         ExportSettings(checkpoint="c", repo="r", name="a/b")
+
+
+HAS_CUDA_ORT = torch.cuda.is_available() and "CUDAExecutionProvider" in (
+    ort.get_available_providers()
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_ORT, reason="needs a CUDA GPU and onnxruntime-gpu")
+def test_cuda_parity_onnx_runtime_cuda_matches_pytorch_cuda(
+    exported: Path, checkpoints: dict[str, Path]
+) -> None:
+    model, _ = load_model(checkpoints["defective"])
+    onnx_bytes = (exported / "defective" / "1" / "model.onnx").read_bytes()
+    x = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
+    results = cuda_parity(onnx_bytes, model, parity_cases((x * 255).astype(np.uint8), 32, 16))
+    assert all(r.passed for r in results), [r.line() for r in results]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_cuda_parity_without_a_gpu_is_an_error_never_a_cpu_pass(exported: Path) -> None:
+    onnx_bytes = (exported / "defective" / "1" / "model.onnx").read_bytes()
+    model = torch.nn.Identity()
+    with pytest.raises(ExportError, match="needs a CUDA device"):
+        cuda_parity(onnx_bytes, model, [])
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        # onnxruntime-gpu here: the provider is listed, cannot start, and ONNX Runtime would
+        # run the session on the CPU; that is refused, not taken for a CUDA session.
+        with pytest.raises(ExportError, match="did not start"):
+            cuda_session(onnx_bytes)
 
 
 @pytest.mark.tensorrt

@@ -14,6 +14,10 @@ from defcnn.errors import ExportError
 from defcnn.names import INPUT_NAME, OUTPUT_NAME
 
 MAX_ABS_DIFF = 1e-4
+# On a GPU, both sides run FP32 with TF32 off, but cuDNN picks other convolution algorithms
+# (FFT, Winograd) than ONNX Runtime's CPU kernels, and than each other: a wider bound.
+CUDA_MAX_ABS_DIFF = 1e-3
+CUDA_PROVIDER = "CUDAExecutionProvider"
 # Ops that are random, or only meaningful while training, must not survive an export.
 FORBIDDEN_OPS = frozenset(
     {"Dropout", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
@@ -87,14 +91,20 @@ def ort_session(model_bytes: bytes) -> ort.InferenceSession:
 
 
 def parity(
-    session: ort.InferenceSession, model: torch.nn.Module, cases: list[ParityCase]
+    session: ort.InferenceSession,
+    model: torch.nn.Module,
+    cases: list[ParityCase],
+    *,
+    device: str = "cpu",
+    tolerance: float = MAX_ABS_DIFF,
 ) -> list[ParityResult]:
-    """Max abs logit difference and argmax agreement per case; raises past tolerance."""
-    model = model.eval()
+    """Max abs logit difference and argmax agreement per case; raises past `tolerance`.
+    `device` is where PyTorch runs (the session's provider is the caller's choice)."""
+    model = model.eval().to(device)
     results = []
     for case in cases:
         with torch.no_grad():
-            expected = model(torch.from_numpy(case.images)).numpy()
+            expected = model(torch.from_numpy(case.images).to(device)).float().cpu().numpy()
         got = session.run([OUTPUT_NAME], {INPUT_NAME: case.images})[0]
         if got.shape != expected.shape:
             raise ExportError(f"{case.name}: ONNX output {got.shape} != PyTorch {expected.shape}")
@@ -102,12 +112,48 @@ def parity(
         same_argmax = bool((got.argmax(1) == expected.argmax(1)).all())
         results.append(
             ParityResult(case=case.name, batch=len(case.images), max_abs_diff=diff,
-                         argmax_identical=same_argmax, passed=diff <= MAX_ABS_DIFF and same_argmax)
+                         argmax_identical=same_argmax, passed=diff <= tolerance and same_argmax)
         )  # fmt: skip
     failed = "; ".join(r.line() for r in results if not r.passed)
     if failed:
-        raise ExportError(f"ONNX Runtime and PyTorch disagree (tolerance {MAX_ABS_DIFF}): {failed}")
+        raise ExportError(f"ONNX Runtime and PyTorch disagree (tolerance {tolerance}): {failed}")
     return results
+
+
+def cuda_session(model_bytes: bytes) -> ort.InferenceSession:
+    """An ONNX Runtime session on the CUDA provider, FP32 without TF32; raises when the
+    provider is missing or did not start (ONNX Runtime would quietly run on the CPU)."""
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        raise ExportError(
+            f"this onnxruntime ({ort.__version__}) has no {CUDA_PROVIDER}: install onnxruntime-gpu"
+        )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(
+        model_bytes, opts, providers=[(CUDA_PROVIDER, {"use_tf32": "0"}), "CPUExecutionProvider"]
+    )
+    if session.get_providers()[0] != CUDA_PROVIDER:
+        raise ExportError(
+            f"{CUDA_PROVIDER} did not start (the session runs on {session.get_providers()}): "
+            "its CUDA and cuDNN libraries were not found; put their folders on LD_LIBRARY_PATH"
+        )
+    return session
+
+
+def cuda_parity(
+    model_bytes: bytes, model: torch.nn.Module, cases: list[ParityCase]
+) -> list[ParityResult]:
+    """The export's parity on the GPU: ONNX Runtime CUDA against PyTorch CUDA, both FP32."""
+    if not torch.cuda.is_available():
+        raise ExportError("the CUDA parity check needs a CUDA device; torch sees none")
+    session = cuda_session(model_bytes)
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return parity(session, model, cases, device="cuda", tolerance=CUDA_MAX_ABS_DIFF)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        model.to("cpu")
 
 
 def parity_cases(

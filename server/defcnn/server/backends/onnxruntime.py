@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: TensorRT and CUDA execution providers on a GPU, else the CPU."""
+"""ONNX Runtime backend: the CUDA execution provider on a GPU, else the CPU."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ import onnxruntime as ort
 from defcnn.server.backends.base import cuda_usable
 from defcnn.server.errors import InvalidArgument
 
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# Not ONNX Runtime's TensorRT provider: onnxruntime-gpu lists it whether or not TensorRT is
+# installed, a session asked for it then fails to start without TensorRT's libraries, and
+# with them it builds engines at every start. TensorRT runs through the tensorrt backend,
+# from the engines `defcnn export --tensorrt` built and checked.
+GPU_PROVIDERS = ("CUDAExecutionProvider",)
 
 
 def providers_for(device: str) -> list[str]:
@@ -43,6 +47,13 @@ class OnnxRuntimeBackend:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(model_path), opts, providers=providers_for(device))
         self.device = "cuda" if self.session.get_providers()[0] in GPU_PROVIDERS else "cpu"
+        if device == "cuda" and self.device != "cuda":
+            # ONNX Runtime falls back to the CPU when a GPU provider cannot load its libraries.
+            raise InvalidArgument(
+                "device cuda asked for, but ONNX Runtime's GPU providers did not start (the "
+                f"session runs on {self.session.get_providers()}): its CUDA and cuDNN libraries "
+                "were not found; put their folders on LD_LIBRARY_PATH"
+            )
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 

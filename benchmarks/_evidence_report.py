@@ -1,0 +1,292 @@
+"""The GPU evidence report: the step record, the goals judged, plots and the markdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from defcnn.atomic import atomic_write
+
+
+@dataclass
+class Step:
+    """One step's outcome: ran, skipped (with why) or failed (with the error)."""
+
+    name: str
+    title: str
+    status: str = "skipped"
+    reason: str | None = None
+    seconds: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One of issue 15's goals with what was measured against it."""
+
+    goal: str
+    measured: str
+    verdict: str  # met / not met / not measured (why)
+
+
+def goals(device: str, width: float, steps: dict[str, Step]) -> list[Goal]:
+    out: list[Goal] = []
+    on_gpu = device == "cuda"
+
+    def judge(ok: bool) -> str:
+        return ("met" if ok else "not met") if on_gpu else "not measured on a GPU (--device cpu)"
+
+    speed = steps["train_speed"]
+    if speed.status == "ran":
+        rows = speed.result["rows"]
+        best = speed.result["fastest_standard"]
+        epoch = rows[best]["seconds_per_cifar10_epoch"]
+        out.append(
+            Goal(
+                "full-width ResNet-18 CIFAR-10 epoch <= 5 s on an H200",
+                f"{epoch:.2f} s ({best}, width {width})",
+                judge(epoch <= 5 and width == 1.0),
+            )
+        )
+        mode = best.split()[-1]
+        ratio = speed.result["time_ratio_defective_over_standard"].get(mode)
+        if ratio is not None:
+            out.append(
+                Goal(
+                    "defective/standard training time <= 1.05",
+                    f"{ratio:.3f} ({mode})",
+                    judge(ratio <= 1.05),
+                )
+            )
+    else:
+        out.append(Goal("training time goals", "-", f"not measured: {speed.reason}"))
+    served = steps["serve"]
+    if served.status == "ran":
+        r = served.result
+        c64, c1 = r["points"].get(64), r["points"].get(1)
+        best = r["in_process_best"]
+        if c64:
+            share = c64["images_per_second"] / best["images_per_second"]
+            out.append(
+                Goal(
+                    "served at concurrency 64 >= 0.8x in-process at its best batch",
+                    f"{share:.2f}x ({c64['images_per_second']:.0f} vs "
+                    f"{best['images_per_second']:.0f} img/s at batch {best['batch']})",
+                    judge(share >= 0.8),
+                )
+            )
+        if c1:
+            bound = r["in_process_batch1"]["latency_ms"] + 1
+            out.append(
+                Goal(
+                    "concurrency 1: p50 <= in-process batch-1 latency + 1 ms",
+                    f"p50 {c1['p50_ms']:.2f} ms, bound {bound:.2f} ms",
+                    judge(c1["p50_ms"] <= bound),
+                )
+            )
+    else:
+        out.append(Goal("serving goals", "-", f"not measured: {served.reason}"))
+    ort_step = steps["ort_throughput"]
+    if ort_step.status == "ran":
+        costs = ort_step.result["latency_ratio_defective_over_standard"]
+        worst = max(costs.values())
+        shown = ", ".join(f"b{b} {v:.3f}" for b, v in costs.items())
+        out.append(
+            Goal(
+                "mask cost on the GPU (defective/standard latency) <= 1.03",
+                shown,
+                judge(worst <= 1.03),
+            )
+        )
+    else:
+        out.append(Goal("mask cost goal", "-", f"not measured: {ort_step.reason}"))
+    return out
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plots(steps: dict[str, Step], out: Path) -> list[str]:
+    """Small figures for the steps that ran; returns their file names."""
+    made = []
+    if steps["train_speed"].status == "ran":
+        rows = steps["train_speed"].result["rows"]
+        fig, ax = plt.subplots(figsize=(5.5, 3))
+        ax.barh(list(rows), [r["seconds_per_cifar10_epoch"] for r in rows.values()])
+        ax.set_xlabel("seconds per CIFAR-10 epoch (50,000 images)")
+        ax.set_title("training throughput (median of repeats)")
+        fig.tight_layout()
+        save_figure(fig, out / "train_speed.png")
+        made.append("train_speed.png")
+    if steps["train_run"].status == "ran":
+        fig, ax = plt.subplots(figsize=(5.5, 3))
+        for kind, run in steps["train_run"].result.items():
+            epochs = run["epochs"]
+            ax.plot(
+                [e["epoch"] for e in epochs], [e["test_accuracy"] for e in epochs], "o-", label=kind
+            )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy")
+        ax.legend()
+        fig.tight_layout()
+        save_figure(fig, out / "train_accuracy.png")
+        made.append("train_accuracy.png")
+    if steps["ort_throughput"].status == "ran":
+        result = steps["ort_throughput"].result
+        fig, ax = plt.subplots(figsize=(5.5, 3))
+        for kind in ("standard", "defective"):
+            rows = [r for r in result["rows"] if r["model"] == kind]
+            ax.plot(
+                [r["batch"] for r in rows], [r["images_per_second"] for r in rows], "o-", label=kind
+            )
+        if steps["serve"].status == "ran":
+            points = steps["serve"].result["points"]
+            ax.plot(
+                list(points),
+                [p["images_per_second"] for p in points.values()],
+                "s--",
+                label="served, defective (x: concurrency)",
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (in process) / concurrency (served)")
+        ax.set_ylabel("images/s")
+        ax.set_title(f"ONNX Runtime, {result['provider']}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, out / "onnxruntime_and_serving.png")
+        made.append("onnxruntime_and_serving.png")
+    return made
+
+
+def markdown(report: dict[str, Any], steps: dict[str, Step]) -> str:
+    m = report["machine"]
+    gpu = m.get("gpu", {}).get("name", "none")
+    lines = [
+        "# GPU evidence",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Started {report['started']}, {report['seconds']:.0f} s in all; seed {report['seed']}.  ",
+        f"Machine: {m['cpu']}; GPU: {gpu}; nvidia-smi: {m['nvidia_smi']}; "
+        f"torch CUDA {m['torch_cuda']}; cuDNN {m.get('cudnn')}.  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".  ",
+        "ONNX Runtime providers: " + ", ".join(m["onnxruntime_providers"]) + ".",
+        "",
+        "| step | outcome | seconds |",
+        "| --- | --- | ---: |",
+    ]
+    for s in steps.values():
+        outcome = s.status if s.reason is None else f"{s.status}: {s.reason}"
+        lines.append(f"| {s.title} | {outcome} | {s.seconds:.1f} |")
+    lines += ["", "## Goals", "", "| goal | measured | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {g['goal']} | {g['measured']} | {g['verdict']} |" for g in report["goals"]]
+    speed = steps["train_speed"]
+    if speed.status == "ran":
+        r = speed.result
+        lines += [
+            "",
+            f"## Training throughput (width {r['width']}, batch {r['batch_size']}, "
+            f"bf16 {r['bf16_autocast']}, channels_last {r['channels_last']}, medians of "
+            f"{r['repeats']} repeats of {r['steps_per_repeat']} steps)",
+            "",
+            "| variant | images/s | s per CIFAR-10 epoch |",
+            "| --- | ---: | ---: |",
+        ]
+        lines += [
+            f"| {n} | {v['images_per_second']:.0f} | {v['seconds_per_cifar10_epoch']:.2f} |"
+            for n, v in r["rows"].items()
+        ]
+        lines.append("")
+        lines += [
+            f"Defective/standard time, {mode}: {v:.3f}."
+            for mode, v in r["time_ratio_defective_over_standard"].items()
+        ]
+        if r["compile_seconds"] or r["compile_errors"]:
+            lines.append(
+                f"torch.compile: first step took {r['compile_seconds']} s; "
+                f"errors: {r['compile_errors'] or 'none'}."
+            )
+    run = steps["train_run"]
+    if run.status == "ran":
+        first = next(iter(run.result.values()))["config"]
+        lines += [
+            "",
+            f"## Training run ({first['dataset']}, {first['epochs']} epochs, fast "
+            f"schedule, batch {first['batch_size']}, lr {first['lr']:g}, width "
+            f"{first['width']})",
+            "",
+            "| model | epoch | test accuracy | train img/s |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for kind, r in run.result.items():
+            lines += [
+                f"| {kind} | {e['epoch']} | {e['test_accuracy']:.4f} | "
+                f"{e['train_images_per_second']:.0f} |"
+                for e in r["epochs"]
+            ]
+        lines.append("")
+        lines += [
+            f"{k}: {r['seconds']:.0f} s in all (data loading and evaluation included)."
+            for k, r in run.result.items()
+        ]
+    parity = steps["gpu_parity"]
+    if parity.status == "ran":
+        lines += [
+            "",
+            "## Parity, ONNX Runtime CUDA vs PyTorch CUDA (FP32, TF32 off)",
+            "",
+            "| model | case | max abs diff | argmax |",
+            "| --- | --- | ---: | --- |",
+        ]
+        for kind, cases in parity.result["cases"].items():
+            lines += [
+                f"| {kind} | {c['case']} | {c['max_abs_diff']:.2e} | "
+                f"{'identical' if c['argmax_identical'] else 'differs'} |"
+                for c in cases
+            ]
+    ort_step = steps["ort_throughput"]
+    if ort_step.status == "ran":
+        r = ort_step.result
+        lines += [
+            "",
+            f"## In-process ONNX Runtime ({r['provider']}, medians of {r['repeats']} repeats)",
+            "",
+            "| model | batch | images/s | latency ms |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {x['model']} | {x['batch']} | {x['images_per_second']:.0f} | "
+            f"{x['latency_ms']:.3f} |"
+            for x in r["rows"]
+        ]
+    served = steps["serve"]
+    if served.status == "ran":
+        r = served.result
+        lines += [
+            "",
+            f"## Served (`defcnn serve --device {report['settings']['device']}`, "
+            f"defective, one image per request, {r['seconds_per_point']:g} s per point)",
+            "",
+            "| concurrency | images/s | p50 ms | p99 ms | in server ms | queued ms |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for c, p in r["points"].items():
+            sp = p["split"]
+            lines.append(
+                f"| {c} | {p['images_per_second']:.0f} | {p['p50_ms']:.2f} | "
+                f"{p['p99_ms']:.2f} | {sp['server_ms']:.2f} | {sp['queued_ms']:.2f} |"
+            )
+        lines += [
+            "",
+            f"Answers checked: {r['answers_checked']}, wrong: {r['wrong_answers']} "
+            f"(relative bound {r['answer_rtol']:g}, argmax equal).",
+        ]
+    lines += ["", *[f"![{p}]({p})" for p in report["plots"]], ""]
+    return "\n".join(lines)
