@@ -176,7 +176,8 @@ def markdown(report: dict[str, Any], steps: dict[str, Step]) -> str:
         f"Started {report['started']}, {report['seconds']:.0f} s in all; seed {report['seed']}.  ",
         f"Machine: {m['cpu']}; GPU: {gpu}; nvidia-smi: {m['nvidia_smi']}; "
         f"torch CUDA {m['torch_cuda']}; cuDNN {m.get('cudnn')}.  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".  ",
+        "Imported: " + ", ".join(f"{k} {v}" for k, v in m["imported"].items()) + ".  ",
+        "Installed: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".  ",
         "ONNX Runtime providers: " + ", ".join(m["onnxruntime_providers"]) + ".",
         "",
         "| step | outcome | seconds |",

@@ -169,6 +169,12 @@ def machine_info() -> dict[str, Any]:
             "numpy",
             "tensorrt",
         ),
+        # The modules this process imported (a distribution's metadata can name another
+        # copy: CPU onnxruntime beside a carried onnxruntime-gpu, say).
+        "imported": {
+            "torch": f"{torch.__version__} ({Path(torch.__file__).parent})",
+            "onnxruntime": f"{ort.__version__} ({Path(ort.__file__).parent})",
+        },
         "onnxruntime_providers": ort.get_available_providers(),
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),

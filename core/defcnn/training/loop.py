@@ -34,6 +34,7 @@ from defcnn.versions import versions
 
 LAST = "checkpoint-last.safetensors"
 FINAL = "model.safetensors"
+POSTFIX_EVERY = 25  # steps between the progress bar's loss and accuracy figures
 # Settings that may change between a run and its resumption without changing the result.
 _RESUMABLE_FIELDS = ("out", "device", "checkpoint_seconds", "max_steps", "download", "data_dir")
 
@@ -243,7 +244,11 @@ def _train(
             total=per_epoch, initial=index, desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not (progress and ctx.is_main), leave=True, unit="batch",
         )  # fmt: skip
-        loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+        # Summed on the device: reading a value waits for the GPU to finish every queued step,
+        # so it is read every POSTFIX_EVERY steps and at the epoch's end, not at every step.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+        seen, t0 = 0, time.perf_counter()
         while index < per_epoch and step < total:
             rows, x = global_batch(train_x, order, epoch, index, cfg)
             y = train_y[rows.to(ctx.device)]
@@ -262,16 +267,17 @@ def _train(
             step += 1
             index += 1
             n = len(y) * ctx.world_size
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             images_seen += n
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                img_s=f"{seen * ctx.world_size / (time.perf_counter() - t0):.0f}",
-                lr=f"{opt.param_groups[0]['lr']:.3g}",
-            )  # fmt: skip
+            if index % POSTFIX_EVERY == 0 or index == per_epoch:
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                    img_s=f"{seen * ctx.world_size / (time.perf_counter() - t0):.0f}",
+                    lr=f"{opt.param_groups[0]['lr']:.3g}",
+                )  # fmt: skip
             if cfg.stop_at_accuracy is not None and step % check_every == 0 and index < per_epoch:
                 checked = (step, evaluate(model, data.test_x, data.test_y, device=ctx.device))
                 if reached(checked[1]):
@@ -283,7 +289,8 @@ def _train(
         if index == per_epoch or step == total:
             record: dict[str, Any] = {
                 "epoch": epoch + 1, "step": step,
-                "train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
+                "train_loss": loss_sum.item() / max(1, seen),
+                "train_accuracy": correct.item() / max(1, seen),
                 "images_per_second": seen * ctx.world_size / max(1e-9, time.perf_counter() - t0),
             }  # fmt: skip
             if ctx.is_main:
