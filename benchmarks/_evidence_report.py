@@ -210,16 +210,18 @@ def markdown(report: dict[str, Any], steps: dict[str, Step]) -> str:
             for mode, v in r["time_ratio_defective_over_standard"].items()
         ]
         if r["compile_seconds"] or r["compile_errors"]:
+            took = ", ".join(f"{k} {v:.1f} s" for k, v in r["compile_seconds"].items())
+            failed = "; ".join(f"{k}: {v}" for k, v in r["compile_errors"].items())
             lines.append(
-                f"torch.compile: first step took {r['compile_seconds']} s; "
-                f"errors: {r['compile_errors'] or 'none'}."
+                f"torch.compile, first step (compiling): {took or 'none compiled'}; "
+                f"compile errors: {failed or 'none'}."
             )
     run = steps["train_run"]
     if run.status == "ran":
         first = next(iter(run.result.values()))["config"]
         lines += [
             "",
-            f"## Training run ({first['dataset']}, {first['epochs']} epochs, fast "
+            f"## Training run ({first['dataset']}, epochs: {first['epochs']}, fast "
             f"schedule, batch {first['batch_size']}, lr {first['lr']:g}, width "
             f"{first['width']})",
             "",
