@@ -48,10 +48,11 @@ from train_throughput import time_steps
 
 from defcnn.atomic import write_json, write_text
 from defcnn.checkpoint import load_model
+from defcnn.data.registry import EMBEDDED
 from defcnn.export.exporter import ExportSettings, export
 from defcnn.export.verify import CUDA_PROVIDER, cuda_parity, parity_cases
 from defcnn.models import create_model
-from defcnn.names import MODEL_FILE
+from defcnn.names import DATASETS, MODEL_FILE
 from defcnn.server.backends.onnxruntime import OnnxRuntimeBackend
 from defcnn.server.launcher import local_server
 from defcnn.training import TrainConfig, train
@@ -470,15 +471,23 @@ def tensorrt_engines(plan: Plan, trained: Step, tmp_repo: Path) -> dict[str, Any
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+    p.add_argument("--out", type=Path, required=True, help="the report's folder: new or empty")
     p.add_argument(
-        "--dataset", help="for the real run (default: imagefolder on CUDA, digits on the CPU)"
+        "--work",
+        type=Path,
+        help="where the training runs and the exported repository go: new or empty "
+        "(default: --out); keep it off a folder that is copied back",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        help="for the real run (default: imagefolder on CUDA, digits on the CPU)",
     )
     p.add_argument("--data-dir", help="the data set's archive or folder (CIFAR-10 JPEG archive)")
     p.add_argument("--epochs", type=int, help="of the real run (default 10 on CUDA, 2 on CPU)")
     p.add_argument("--width", type=float, help="ResNet-18 width (default 1.0 CUDA, 0.125 CPU)")
     p.add_argument("--repeats", type=int, help="interleaved repeats of each timing")
-    p.add_argument("--serve-seconds", type=float, help="per concurrency")
+    p.add_argument("--serve-seconds", type=float, help="per concurrency, at least 0.5")
     p.add_argument(
         "--compile",
         choices=["auto", "on", "off"],
@@ -489,14 +498,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("epochs", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    for name in ("width", "serve_seconds"):
-        value = getattr(args, name)
-        if value is not None and not 0 < value < float("inf"):
-            p.error(f"--{name.replace('_', '-')} must be a positive number")
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        p.error(f"--out {args.out} is not an empty folder: give a new one (nothing is reused)")
+    if args.width is not None and not 0 < args.width <= 16:
+        p.error("--width must be a number in (0, 16]")
+    if args.serve_seconds is not None and not 0.5 <= args.serve_seconds <= 600:
+        p.error("--serve-seconds must be a number of seconds in [0.5, 600]")
+    dataset = args.dataset or ("imagefolder" if args.device == "cuda" else "digits")
+    if dataset in EMBEDDED and args.data_dir is not None:
+        p.error(f"--dataset {dataset} is embedded: it takes no --data-dir")
+    if dataset not in EMBEDDED and args.data_dir is None:
+        p.error(f"--dataset {dataset} needs --data-dir")
     if args.data_dir is not None and not Path(args.data_dir).exists():
         p.error(f"--data-dir {args.data_dir} does not exist")
+    for flag, folder in (("--out", args.out), ("--work", args.work)):
+        if folder is None:
+            continue
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            p.error(f"{flag} {folder} is not an empty folder: give a new one (nothing is reused)")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            p.error(f"{flag} {folder}: cannot make it ({exc.strerror or exc})")
     return args
 
 
@@ -504,24 +525,47 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = Plan.for_device(args)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    work: Path = args.work or out
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     torch.manual_seed(SEED)
     steps: dict[str, Step] = {}
+    report: dict[str, Any] = {
+        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+        "started": started.isoformat(timespec="seconds"),
+        "settings": asdict(plan),
+        "seed": SEED,
+        "plots": [],
+        "finished": False,
+    }
 
-    def add(name: str, title: str, work: Callable[[], dict[str, Any]]) -> Step:
-        steps[name] = run_step(name, title, work)
+    def publish() -> None:
+        """The report as it stands: rewritten after every step, so a run cut short (a
+        machine's time limit) still leaves every finished step on record."""
+        machine = steps["machine"].result
+        gpu = machine.get("gpu", {}).get("name", "none")
+        report.update(
+            seconds=round(time.perf_counter() - clock, 1),
+            machine=machine,
+            steps={name: asdict(s) for name, s in steps.items()},
+            goals=[asdict(g) for g in goals(plan.device, plan.width, gpu, steps)],
+        )
+        write_json(out / "gpu_evidence.json", report)
+        write_text(out / "gpu_evidence.md", markdown(report, steps))
+
+    def add(name: str, title: str, run: Callable[[], dict[str, Any]]) -> Step:
+        steps[name] = run_step(name, title, run)
+        publish()
         return steps[name]
 
-    machine = add("machine", "the machine", machine_info)
+    add("machine", "the machine", machine_info)
     add("train_speed", "training throughput, standard vs defective", lambda: train_speed(plan))
     trained = add(
-        "train_run", "a short real training run of both", lambda: train_run(plan, out / "train")
+        "train_run", "a short real training run of both", lambda: train_run(plan, work / "train")
     )
     exported = add(
         "export",
         "export of both (with the CPU parity check)",
-        lambda: export_both(plan, trained, out / "repo"),
+        lambda: export_both(plan, trained, work / "repo"),
     )
     add(
         "gpu_parity",
@@ -536,30 +580,25 @@ def main(argv: list[str] | None = None) -> int:
     add(
         "serve",
         "defcnn serve under closed-loop clients",
-        lambda: serve(plan, exported, in_process, out / "repo", out / "serve.log"),
+        lambda: serve(plan, exported, in_process, work / "repo", out / "serve.log"),
     )
-    add("tensorrt", "TensorRT engines", lambda: tensorrt_engines(plan, trained, out / "trt"))
+    add("tensorrt", "TensorRT engines", lambda: tensorrt_engines(plan, trained, work / "trt"))
+    report["plots"] = plots(steps, out, plan.device)
+    report["finished"] = True
+    publish()
 
-    report: dict[str, Any] = {
-        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
-        "started": started.isoformat(timespec="seconds"),
-        "seconds": round(time.perf_counter() - clock, 1),
-        "settings": asdict(plan),
-        "machine": machine.result,
-        "seed": SEED,
-        "steps": {name: asdict(s) for name, s in steps.items()},
-        "goals": [asdict(g) for g in goals(plan.device, plan.width, steps)],
-    }
-    report["plots"] = plots(steps, out)
-    write_json(out / "gpu_evidence.json", report)
-    write_text(out / "gpu_evidence.md", markdown(report, steps))
     failed = [s.name for s in steps.values() if s.status == "failed"]
     skipped = [s.name for s in steps.values() if s.status == "skipped"]
     print(
         f"wrote {out / 'gpu_evidence.md'}; ran {len(steps) - len(failed) - len(skipped)}, "
         f"skipped {skipped or 'none'}, failed {failed or 'none'}"
     )
-    return 1 if failed else 0
+    # Asked for CUDA, a run whose GPU steps were skipped measured nothing it was asked for:
+    # it says so and fails (TensorRT alone is optional).
+    missing = [n for n in skipped if n != "tensorrt"] if plan.device == "cuda" else []
+    if missing:
+        print(f"--device cuda, but no GPU figures for: {', '.join(missing)}", file=sys.stderr)
+    return 1 if failed or missing else 0
 
 
 if __name__ == "__main__":

@@ -31,21 +31,15 @@ def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 def test_cpu_run_trains_exports_serves_and_records_the_gpu_steps_as_skipped(
     tmp_path: Path,
 ) -> None:
-    out = tmp_path / "evidence"
-    done = _run(
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--serve-seconds",
-        "0.5",
-        "--repeats",
-        "2",
-    )
+    out, work = tmp_path / "evidence", tmp_path / "work"
+    flags = "--epochs 1 --serve-seconds 0.5 --repeats 2"
+    done = _run("--device", "cpu", "--out", str(out), "--work", str(work), *flags.split())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu_evidence.json").read_text())
+    assert report["finished"] is True
+    # The bulky outputs go to --work, the report alone to --out.
+    assert (work / "repo" / "defective").is_dir() and (work / "train" / "standard").is_dir()
+    assert not (out / "repo").exists() and not (out / "train").exists()
     steps = report["steps"]
     ran = {"machine", "train_speed", "train_run", "export", "ort_throughput", "serve"}
     assert {n for n, s in steps.items() if s["status"] == "ran"} == ran, steps
@@ -85,16 +79,22 @@ def test_cpu_run_trains_exports_serves_and_records_the_gpu_steps_as_skipped(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU-only machine reports")
-def test_cuda_asked_for_without_one_skips_every_device_step_and_says_why(tmp_path: Path) -> None:
+def test_cuda_asked_for_without_one_skips_every_device_step_says_why_and_fails(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "evidence"
-    done = _run("--device", "cuda", "--out", str(out), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    steps = json.loads((out / "gpu_evidence.json").read_text())["steps"]
-    assert steps["machine"]["status"] == "ran"
+    done = _run("--device", "cuda", "--out", str(out), "--data-dir", str(tmp_path), timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "--device cuda, but no GPU figures for: train_speed" in done.stderr
+    report = json.loads((out / "gpu_evidence.json").read_text())
+    steps = report["steps"]
+    assert steps["machine"]["status"] == "ran" and report["finished"] is True
     others = {n: s for n, s in steps.items() if n != "machine"}
     assert all(s["status"] == "skipped" for s in others.values()), others
     for name in ("train_speed", "train_run", "gpu_parity", "ort_throughput", "serve"):
-        assert "no CUDA device" in others[name]["reason"] or "needs " in others[name]["reason"]
+        assert others[name]["reason"].startswith("no CUDA device"), others[name]
+    assert others["export"]["reason"] == "needs the training run, which skipped"
+    assert all(g["verdict"].startswith("not measured: ") for g in report["goals"])
 
 
 @pytest.mark.parametrize(
@@ -102,8 +102,15 @@ def test_cuda_asked_for_without_one_skips_every_device_step_and_says_why(tmp_pat
     [
         (["--device", "tpu"], "invalid choice"),
         (["--epochs", "0"], "--epochs must be at least 1"),
-        (["--serve-seconds", "nan"], "--serve-seconds must be a positive number"),
+        (["--serve-seconds", "nan"], "--serve-seconds must be a number of seconds"),
         (["--data-dir", "/nonexistent/cifar"], "does not exist"),
+        (["--device", "cpu", "--dataset", "bogus"], "invalid choice"),
+        (["--device", "cpu", "--dataset", "imagefolder"], "needs --data-dir"),
+        (["--device", "cuda"], "--dataset imagefolder needs --data-dir"),
+        (["--device", "cpu", "--data-dir", "/"], "embedded: it takes no --data-dir"),
+        (["--device", "cpu", "--serve-seconds", "0.01"], "--serve-seconds must be"),
+        (["--device", "cpu", "--width", "-1"], "--width must be"),
+        (["--device", "cpu", "--work", "/dev/null/x"], "--work /dev/null/x: cannot make it"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, args: list[str], words: str) -> None:

@@ -49,3 +49,19 @@ def test_cuda_whose_provider_cannot_start_is_refused_not_run_on_the_cpu(
     else:
         with pytest.raises(InvalidArgument, match="no usable CUDA"):
             backend.OnnxRuntimeBackend(model, "cuda")
+
+
+def test_onnx_runtimes_tensorrt_provider_is_never_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """onnxruntime-gpu lists it without TensorRT, and a session asking for it then fails to
+    start; TensorRT runs through the tensorrt backend instead."""
+    monkeypatch.setattr(backend, "cuda_usable", lambda: True)
+    monkeypatch.setattr(
+        backend.ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    assert backend.providers_for("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert backend.providers_for("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert backend.providers_for("cpu") == ["CPUExecutionProvider"]
