@@ -525,6 +525,7 @@ def test_bodies_waiting_for_room_in_the_budget_wait_in_the_clients(repo) -> None
         for _ in range(6):
             time.sleep(0.5)
             grown = max(grown, _memory_mib(srv.proc.pid)[0] - baseline)
+        assert waiting.is_alive(), "the 16 callers were answered: the budget was not full"
         assert grown < 40, f"{grown:.0f} MiB of waiting bodies taken in by the server"
     finally:
         release.set()
