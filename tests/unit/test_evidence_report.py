@@ -107,3 +107,24 @@ def test_a_report_of_a_run_cut_short_says_so_and_lists_what_finished() -> None:
     report.update(settings={"device": "cpu"}, finished=True)
     text = markdown(report, {"machine": machine})
     assert "A CPU rehearsal" in text and "Cut short" not in text
+
+
+def test_a_step_is_ran_skipped_or_failed_and_a_failure_keeps_its_figures() -> None:
+    from gpu_evidence import Failed, Skip, run_step
+
+    def skip() -> dict[str, Any]:
+        raise Skip("no CUDA device")
+
+    def wrong() -> dict[str, Any]:
+        raise Failed("3 wrong answers", {"wrong_answers": 3})
+
+    def broken() -> dict[str, Any]:
+        raise ValueError("bad shape")
+
+    assert run_step("a", "a", lambda: {"x": 1}).status == "ran"
+    skipped = run_step("b", "b", skip)
+    assert (skipped.status, skipped.reason) == ("skipped", "no CUDA device")
+    failed = run_step("c", "c", wrong)
+    assert (failed.status, failed.result) == ("failed", {"wrong_answers": 3})
+    crashed = run_step("d", "d", broken)
+    assert (crashed.status, crashed.reason) == ("failed", "ValueError: bad shape")
