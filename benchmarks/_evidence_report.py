@@ -179,6 +179,11 @@ def plots(steps: dict[str, Step], out: Path, device: str) -> list[str]:
     return made
 
 
+def _range(row: dict[str, Any]) -> str:
+    low, high = row["images_per_second_range"]
+    return f"[{low:.0f}, {high:.0f}]"
+
+
 def markdown(report: dict[str, Any], steps: dict[str, Step]) -> str:
     m = report["machine"]
     gpu = m.get("gpu", {}).get("name", "none")
@@ -221,11 +226,12 @@ def markdown(report: dict[str, Any], steps: dict[str, Step]) -> str:
             f"bf16 {r['bf16_autocast']}, channels_last {r['channels_last']}, medians of "
             f"{r['repeats']} repeats of {r['steps_per_repeat']} steps)",
             "",
-            "| variant | images/s | s per CIFAR-10 epoch |",
+            "| variant | images/s [range over repeats] | s per CIFAR-10 epoch |",
             "| --- | ---: | ---: |",
         ]
         lines += [
-            f"| {n} | {v['images_per_second']:.0f} | {v['seconds_per_cifar10_epoch']:.2f} |"
+            f"| {n} | {v['images_per_second']:.0f} {_range(v)} | "
+            f"{v['seconds_per_cifar10_epoch']:.2f} |"
             for n, v in r["rows"].items()
         ]
         lines.append("")
@@ -249,12 +255,13 @@ def markdown(report: dict[str, Any], steps: dict[str, Step]) -> str:
             f"schedule, batch {first['batch_size']}, lr {first['lr']:g}, width "
             f"{first['width']})",
             "",
-            "| model | epoch | test accuracy | train img/s |",
+            "| model | epoch | test accuracy [95% Wilson] | train img/s |",
             "| --- | ---: | ---: | ---: |",
         ]
         for kind, r in run.result.items():
             lines += [
-                f"| {kind} | {e['epoch']} | {e['test_accuracy']:.4f} | "
+                f"| {kind} | {e['epoch']} | {e['test_accuracy']:.4f} "
+                f"[{e['test_accuracy_95'][0]:.4f}, {e['test_accuracy_95'][1]:.4f}] | "
                 f"{e['train_images_per_second']:.0f} |"
                 for e in r["epochs"]
             ]
@@ -285,11 +292,11 @@ def markdown(report: dict[str, Any], steps: dict[str, Step]) -> str:
             "",
             f"## In-process ONNX Runtime ({r['provider']}, medians of {r['repeats']} repeats)",
             "",
-            "| model | batch | images/s | latency ms |",
+            "| model | batch | images/s [range over repeats] | latency ms |",
             "| --- | ---: | ---: | ---: |",
         ]
         lines += [
-            f"| {x['model']} | {x['batch']} | {x['images_per_second']:.0f} | "
+            f"| {x['model']} | {x['batch']} | {x['images_per_second']:.0f} {_range(x)} | "
             f"{x['latency_ms']:.3f} |"
             for x in r["rows"]
         ]
@@ -299,7 +306,8 @@ def markdown(report: dict[str, Any], steps: dict[str, Step]) -> str:
         lines += [
             "",
             f"## Served (`defcnn serve --device {report['settings']['device']}`, "
-            f"defective, one image per request, {r['seconds_per_point']:g} s per point)",
+            f"defective, one image per request, one run of {r['seconds_per_point']:g} s per "
+            "point: no spread over repeats)",
             "",
             "| concurrency | images/s | p50 ms | p99 ms | in server ms | queued ms |",
             "| ---: | ---: | ---: | ---: | ---: | ---: |",

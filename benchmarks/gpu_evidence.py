@@ -55,6 +55,7 @@ from defcnn.models import create_model
 from defcnn.names import DATASETS, MODEL_FILE
 from defcnn.server.backends.onnxruntime import OnnxRuntimeBackend
 from defcnn.server.launcher import local_server
+from defcnn.stats import wilson
 from defcnn.training import TrainConfig, train
 from defcnn.versions import versions
 
@@ -254,9 +255,10 @@ def train_speed(plan: Plan) -> dict[str, Any]:
         for name, model in variants.items():
             seconds = time_steps(model, x, y, plan.speed_steps, amp)
             rates[name].append(plan.speed_steps * plan.batch_size / seconds)
-    rows = {
+    rows: dict[str, dict[str, Any]] = {
         name: {
             "images_per_second": statistics.median(r),
+            "images_per_second_range": [min(r), max(r)],  # over the repeats
             "seconds_per_cifar10_epoch": CIFAR10_TRAIN_IMAGES / statistics.median(r),
         }
         for name, r in rates.items()
@@ -284,6 +286,12 @@ def train_speed(plan: Plan) -> dict[str, Any]:
         "compile": plan.compile,
         "fastest_standard": best,
     }
+
+
+def _interval(correct: int, count: int) -> list[float]:
+    """The 95% Wilson interval of a test accuracy."""
+    rate = wilson(correct, count)
+    return [rate.low, rate.high]
 
 
 def train_run(plan: Plan, out: Path) -> dict[str, Any]:
@@ -318,6 +326,7 @@ def train_run(plan: Plan, out: Path) -> dict[str, Any]:
                 {
                     "epoch": h["epoch"],
                     "test_accuracy": h["test_accuracy"],
+                    "test_accuracy_95": _interval(h["test_correct"], h["test_count"]),
                     "train_images_per_second": h["images_per_second"],
                 }
                 for h in history
@@ -388,6 +397,7 @@ def ort_throughput(plan: Plan, exported: Step) -> dict[str, Any]:
             "batch": b,
             "images_per_second": statistics.median(b / t for t in times[(k, b)]),
             "latency_ms": 1e3 * statistics.median(times[(k, b)]),
+            "images_per_second_range": [b / max(times[(k, b)]), b / min(times[(k, b)])],
         }
         for k, b in cells
     ]

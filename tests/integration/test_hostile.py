@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -421,6 +421,15 @@ def _reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux 4.0+)
 
 
+def _all_at_once(call: Callable[[], None], times: int) -> None:
+    """`call` in `times` threads started together; returns when all are done."""
+    threads = [threading.Thread(target=call) for _ in range(times)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _burst(address: str, payload: bytes, calls: int, token: str | None) -> list[grpc.StatusCode]:
     metadata = [("authorization", f"Bearer {token}")] if token else None
     codes: list[grpc.StatusCode] = []
@@ -440,11 +449,7 @@ def _burst(address: str, payload: bytes, calls: int, token: str | None) -> list[
             codes.append(exc.code())
         channel.close()
 
-    threads = [threading.Thread(target=one) for _ in range(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _all_at_once(one, calls)
     return codes
 
 
@@ -555,11 +560,7 @@ def _stream_burst(address: str, payload: bytes, calls: int, token: str) -> list[
             except grpc.RpcError as exc:
                 outcomes.append(exc.code().name)
 
-    threads = [threading.Thread(target=one) for _ in range(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _all_at_once(one, calls)
     return outcomes
 
 
